@@ -1,0 +1,63 @@
+"""The `terdit` command. Each sub-command lives in the module that does its job and registers itself
+here through a `register(subparsers)` function; this file only wires them and maps errors to exit codes:
+0 success, 2 bad usage or input (one line on stderr), 1 anything unexpected (traceback with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+from terdit.errors import TerditError
+
+# Modules that define `register(subparsers)`; each adds one or more sub-commands.
+COMMAND_MODULES = [
+    "terdit.commands",
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line with exit status 2 (its default), no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="terdit", description="Ternary diffusion transformers: train, sample, deploy, evaluate.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for unexpected errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get("TERDIT_DEBUG") == "1"
+    try:
+        result = args.func(args)
+        return int(result or 0)
+    except TerditError as e:
+        print(f"terdit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"terdit {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns crashes into exit status 1
+        if debug:
+            traceback.print_exc()
+        else:
+            print(f"terdit {args.command}: unexpected error: {type(e).__name__}: {e} (rerun with --debug)",
+                  file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Core sub-commands: `configs`, `train`, `sample`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from terdit.errors import TerditError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present, else cpu)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
+                   help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("configs", help="list the named model configs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_configs)
+
+    p = sub.add_parser("train", help="train a TerDiT from scratch (QAT); no arguments: tiny model on digits",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="runs/digits", help="run folder to write")
+    p.add_argument("--config", default="TerDiT-Digits", help="model config name (see `terdit configs`)")
+    p.add_argument("--no-ternary", dest="ternary", action="store_false", help="full-precision twin (Large-DiT)")
+    p.add_argument("--no-adaln-norm", dest="adaln_norm", action="store_false",
+                   help="drop the RMSNorm after adaLN (the paper's ablation)")
+    p.add_argument("--alpha-init", choices=["absmean", "randn", "ones"], default=None,
+                   help="initial alpha of ternary layers (config default: absmean)")
+    p.add_argument("--qk-norm", action="store_true", help="LayerNorm on q and k")
+    p.add_argument("--data", default=None, help="image folder or latent folder (default: embedded digits)")
+    p.add_argument("--resolution", type=_positive_int, default=None, help="image resolution (image folders)")
+    p.add_argument("--vae", default=None, help="VAE hub id or local dir for image folders")
+    p.add_argument("--steps", type=_positive_int, default=3000)
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch size")
+    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr-drop-step", type=_positive_int, default=None, help="step at which lr drops")
+    p.add_argument("--lr-after-drop", type=float, default=1e-4)
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="default 0.9999, capped so the EMA horizon is <= 10%% of --steps")
+    p.add_argument("--grad-clip", type=_nonneg_float, default=2.0, help="0 disables clipping")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ckpt-every", type=_positive_int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", type=_positive_int, default=2)
+    p.add_argument("--log-every", type=_positive_int, default=10)
+    p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps")
+    p.add_argument("--sample-cfg", type=_nonneg_float, default=4.0, help="guidance of the sample grids")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", default=None, help="start from another run's EMA weights")
+    add_device_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="draw samples from a run to a PNG grid or an ADM npz")
+    p.add_argument("--run", required=True, help="run folder (or deploy folder)")
+    p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: 0..min(K,10)-1)")
+    p.add_argument("--num-per-class", type=_positive_int, default=1)
+    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg-channels", type=_positive_int, default=None,
+                   help="guide only the first N channels (3 = the public code's quirk; default all)")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--out", default=None, help=".png grid or .npz (default: RUN/sample.png)")
+    add_device_args(p)
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_configs(args: argparse.Namespace) -> int:
+    import torch
+
+    from terdit.models import CONFIGS, TerDiT, get_config
+
+    rows = []
+    for name in CONFIGS:
+        cfg = get_config(name)
+        with torch.device("meta"):
+            counts = TerDiT(cfg).parameter_counts()
+        rows.append({"name": name, "dim": cfg.dim, "depth": cfg.depth, "heads": cfg.n_heads,
+                     "input": f"{cfg.input_size}x{cfg.input_size}x{cfg.in_channels}", **counts})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'name':<14} {'dim':>5} {'depth':>5} {'heads':>5} {'input':>9} {'params':>14} {'ternary':>14}")
+        for r in rows:
+            print(f"{r['name']:<14} {r['dim']:>5} {r['depth']:>5} {r['heads']:>5} {r['input']:>9} "
+                  f"{r['total']:>14,} {r['ternary']:>14,}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from terdit.models.configs import get_config
+    from terdit.train import TrainArgs, train
+
+    get_config(args.config)  # an unknown name fails here, before anything is written
+    fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__}
+    fields["precision"] = args.dtype
+    last = train(TrainArgs(**fields))
+    if last:
+        print(f"done: step {last['step']}, loss {last['loss']:.4f}; run in {args.out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from terdit.sample import check_sampling_args, generate, save_samples
+    from terdit.serving import load_for_sampling
+
+    out = Path(args.out) if args.out else Path(args.run) / "sample.png"
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise TerditError(f"--out {out}: must end in .png (grid) or .npz (ADM arrays)")
+    model, decode, map_labels = load_for_sampling(args.run, ema=args.ema, device=args.device, dtype=args.dtype)
+    classes = args.classes if args.classes is not None else list(range(min(model.config.num_classes, 10)))
+    check_sampling_args(model.config.num_classes, classes, args.cfg, args.steps)
+    labels = [c for c in classes for _ in range(args.num_per_class)]
+    dtype = next(model.parameters()).dtype
+    images = generate(model, map_labels(labels), decode=decode, cfg_scale=args.cfg, steps=args.steps,
+                      sampler=args.sampler, eta=args.eta, seed=args.seed, guide_channels=args.cfg_channels,
+                      dtype=dtype if dtype != torch.float32 else None, progress=True)
+    save_samples(images, labels, out, nrow=args.num_per_class if args.num_per_class > 1 else None)
+    print(f"wrote {len(labels)} samples to {out}")
+    return 0

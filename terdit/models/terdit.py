@@ -1,0 +1,262 @@
+"""TerDiT: the Large-DiT ("LLaMA-DiT") transformer with ternary block linears.
+
+Read top to bottom: embeddings, RoPE, attention, SwiGLU, the block with its adaLN (and TerDiT's
+RMSNorm after it), the final layer, the model. Module names follow the public code so that its
+checkpoints load without renaming (`layers.{i}.attention.wq`, `layers.{i}.adaLN_modulation.1`, ...).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from terdit.models.configs import TerDiTConfig, get_config
+from terdit.quant.layers import make_linear
+from terdit.quant.ternary import TernaryLinear
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 (LLaMA's norm; learnable weight, init ones)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class TimestepEmbedder(nn.Module):
+    """256-d sinusoidal embedding of the integer timestep ([cos | sin]), then a 2-layer MLP."""
+
+    def __init__(self, hidden: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    @staticmethod
+    def sinusoidal(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        args = t.float()[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+        return emb
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = self.sinusoidal(t, self.freq_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb)
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row, the null class (= num_classes), used for label dropout and CFG."""
+
+    def __init__(self, num_classes: int, hidden: int, dropout_prob: float) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden)
+
+    def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is not None:
+            labels = torch.where(force_drop_ids.bool(), self.num_classes, labels)
+        elif self.training and self.dropout_prob > 0:
+            drop = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+            labels = torch.where(drop, self.num_classes, labels)
+        return self.embedding_table(labels)
+
+
+class RotaryEmbedding(nn.Module):
+    """1-D RoPE over the raster order of patches, rotating adjacent pairs (2i, 2i+1), in fp32."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def cos_sin(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n, device)
+        if key not in self._cache:
+            inv = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
+            angles = torch.outer(torch.arange(n, dtype=torch.float32), inv)
+            self._cache[key] = (angles.cos().to(device), angles.sin().to(device))
+        return self._cache[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, H, head_dim)."""
+        cos, sin = self.cos_sin(x.shape[1], x.device)
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+        xf = x.float().unflatten(-1, (-1, 2))
+        x0, x1 = xf[..., 0], xf[..., 1]
+        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+        return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TerDiTConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        lin = _linear_factory(cfg)
+        self.wq, self.wk, self.wv, self.wo = (lin(cfg.dim, cfg.dim, bias=False) for _ in range(4))
+        if cfg.qk_norm:  # LayerNorm over all heads jointly, before RoPE (as the public code)
+            self.q_norm, self.k_norm = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+        self.rope = rope
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.q_norm(self.wq(x)), self.k_norm(self.wk(x)), self.wv(x)
+        q, k, v = (z.view(b, n, self.n_heads, self.head_dim) for z in (q, k, v))
+        q, k = self.rope(q), self.rope(k)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, cfg: TerDiTConfig) -> None:
+        super().__init__()
+        lin = _linear_factory(cfg)
+        self.w1 = lin(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = lin(cfg.ffn_hidden, cfg.dim, bias=False)
+        self.w3 = lin(cfg.dim, cfg.ffn_hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: TerDiTConfig, rope: RotaryEmbedding) -> None:
+        super().__init__()
+        self.attention = Attention(cfg, rope)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        adaln = [nn.SiLU(), _linear_factory(cfg)(cfg.cond_dim, 6 * cfg.dim, bias=True)]
+        if cfg.adaln_norm:  # TerDiT: RMSNorm over the whole 6*dim vector, before it is chunked
+            adaln.append(RMSNorm(6 * cfg.dim, cfg.norm_eps))
+        self.adaLN_modulation = nn.Sequential(*adaln)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.feed_forward(modulate(self.ffn_norm(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """Full precision: LayerNorm (no affine) modulated by its own adaLN, then a linear to patches."""
+
+    def __init__(self, dim: int, cond_dim: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def _linear_factory(cfg: TerDiTConfig):
+    def lin(i: int, o: int, bias: bool) -> nn.Linear:
+        return make_linear(cfg.linear, i, o, bias, alpha_init=cfg.alpha_init, granularity=cfg.granularity)
+
+    return lin
+
+
+class TerDiT(nn.Module):
+    """Class-conditional diffusion transformer; `config.linear` = "fp" gives Large-DiT."""
+
+    def __init__(self, config: TerDiTConfig) -> None:
+        super().__init__()
+        self.config = cfg = config
+        self.grad_checkpointing = False
+        self.x_embedder = nn.Linear(cfg.patch_size**2 * cfg.in_channels, cfg.dim)
+        self.t_embedder = TimestepEmbedder(cfg.cond_dim)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.cond_dim, cfg.class_dropout_prob)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, rope) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch_size, cfg.out_channels)
+        self.initialize_weights()
+
+    @classmethod
+    def from_config_name(cls, name: str, **overrides) -> TerDiT:
+        return cls(get_config(name, **overrides))
+
+    @torch.no_grad()
+    def initialize_weights(self, generator: torch.Generator | None = None) -> None:
+        """Large-DiT's init: xavier block linears, N(0, .02) embeddings, zero adaLN and output layers."""
+        for block in self.layers:
+            for lin in (*_block_linears(block.attention), *_block_linears(block.feed_forward)):
+                nn.init.xavier_uniform_(lin.weight)
+            ada = block.adaLN_modulation[1]
+            nn.init.zeros_(ada.weight)
+            nn.init.zeros_(ada.bias)
+        nn.init.xavier_uniform_(self.x_embedder.weight)
+        nn.init.zeros_(self.x_embedder.bias)
+        for lin in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for lin in (self.final_layer.adaLN_modulation[1], self.final_layer.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        for m in self.modules():
+            if isinstance(m, TernaryLinear):
+                m.reset_alpha(generator)
+
+    def patchify(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        p = self.config.patch_size
+        x = x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)  # (B, h, w, C, p, p)
+        return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+    def unpatchify(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        b = x.shape[0]
+        p, c = self.config.patch_size, self.config.out_channels
+        x = x.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
+        return x.reshape(b, c, h, w)
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x (B, C, H, W) noisy input, t (B,) timesteps in [0, 1000), y (B,) labels -> (B, out_C, H, W)."""
+        h, w = x.shape[-2:]
+        tokens = self.x_embedder(self.patchify(x))
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
+        for block in self.layers:
+            if self.grad_checkpointing and self.training:
+                tokens = checkpoint(block, tokens, c, use_reentrant=False)
+            else:
+                tokens = block(tokens, c)
+        return self.unpatchify(self.final_layer(tokens, c), h, w)
+
+    def ternary_layers(self) -> dict[str, TernaryLinear]:
+        return {n: m for n, m in self.named_modules() if isinstance(m, TernaryLinear)}
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters in quantized block linear weights vs everything else (works on the meta device)."""
+        quant = {f"{n}.weight" for n in self.ternary_layers()}
+        n_q = sum(p.numel() for n, p in self.named_parameters() if n in quant)
+        total = sum(p.numel() for p in self.parameters())
+        return {"total": total, "ternary": n_q, "full_precision": total - n_q}
+
+
+def _block_linears(module: nn.Module) -> list[nn.Linear]:
+    return [m for m in module.children() if isinstance(m, nn.Linear)]

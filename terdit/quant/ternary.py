@@ -1,0 +1,117 @@
+"""The ternary (1.58-bit) math, in one place.
+
+TerDiT's quantizer (paper eq. 2-4): W~ = alpha * RoundClip(W / (gamma + eps), -1, 1) with
+gamma = mean|W|. gamma only sets the rounding threshold; the output scale is the learned alpha.
+Training uses a straight-through estimator; export, packing and PTQ reuse `ternarize`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPS = 1e-6
+AlphaInit = Literal["absmean", "randn", "ones"]
+Granularity = Literal["tensor", "row"]
+
+
+def absmean(weight: torch.Tensor, granularity: Granularity = "tensor") -> torch.Tensor:
+    """gamma: mean |W| over the whole matrix (shape [1]) or per output row (shape [out, 1])."""
+    if granularity == "tensor":
+        return weight.abs().mean().reshape(1)
+    if granularity == "row":
+        return weight.abs().mean(dim=-1, keepdim=True)
+    raise ValueError(f"granularity must be 'tensor' or 'row', got {granularity!r}")
+
+
+def ternarize(
+    weight: torch.Tensor, granularity: Granularity = "tensor", eps: float = EPS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary codes in {-1, 0, +1} (same dtype as `weight`) and gamma.
+
+    round() is round-half-to-even, as torch.round and the public code use.
+    """
+    gamma = absmean(weight, granularity)
+    codes = (weight / (gamma + eps)).round().clamp_(-1, 1)
+    return codes, gamma
+
+
+class _TernarySTE(torch.autograd.Function):
+    """Forward: ternary codes. Backward: the gradient passes unchanged to the latent weight."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, granularity: Granularity) -> torch.Tensor:  # type: ignore[override]
+        return ternarize(weight, granularity)[0]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
+
+
+def ternary_weight(weight: torch.Tensor, alpha: torch.Tensor, granularity: Granularity = "tensor"):
+    """alpha * codes, differentiable: dL/dW = alpha * dL/dW~ (STE), dL/dalpha = sum(dL/dW~ * codes)."""
+    codes = _TernarySTE.apply(weight, granularity)
+    return alpha.to(codes.dtype) * codes
+
+
+def initial_alpha(weight: torch.Tensor, how: AlphaInit, generator: torch.Generator | None = None) -> float:
+    """Starting value of alpha.
+
+    - "randn": N(0, 1), as the public TerDiT code (can start negative or tiny).
+    - "absmean": gamma of the initial weight, so alpha * codes starts on the scale of the float
+      initialisation. adaLN weights start at zero (adaLN-Zero) and have no gamma; there alpha
+      starts at 1/sqrt(in_features), the scale of a default nn.Linear weight.
+    - "ones": 1.0.
+    """
+    if how == "randn":
+        return float(torch.randn(1, generator=generator))
+    if how == "ones":
+        return 1.0
+    if how == "absmean":
+        gamma = float(weight.detach().abs().mean())
+        return gamma if gamma > 0 else 1.0 / math.sqrt(weight.shape[1])
+    raise ValueError(f"alpha_init must be 'absmean', 'randn' or 'ones', got {how!r}")
+
+
+class TernaryLinear(nn.Linear):
+    """Weight-only ternary linear layer for quantization-aware training.
+
+    Holds the latent full-precision `weight` [out, in], a learnable scalar `alphas` [1] (the public
+    checkpoint name) and an optional full-precision bias. Activations stay in floating point.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        alpha_init: AlphaInit = "absmean",
+        granularity: Granularity = "tensor",
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.alpha_init = alpha_init
+        self.granularity = granularity
+        self.alphas = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+
+    @torch.no_grad()
+    def reset_alpha(self, generator: torch.Generator | None = None) -> None:
+        """Set alpha from the current weight; call after the weight's own initialisation."""
+        if self.weight.is_meta:
+            return
+        self.alphas.fill_(initial_alpha(self.weight, self.alpha_init, generator))
+
+    def quantized_weight(self) -> torch.Tensor:
+        return ternary_weight(self.weight, self.alphas, self.granularity)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ternary, alpha_init={self.alpha_init}, gamma={self.granularity}"
