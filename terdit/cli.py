@@ -15,6 +15,7 @@ from terdit.errors import TerditError
 # Modules that define `register(subparsers)`; each adds one or more sub-commands.
 COMMAND_MODULES = [
     "terdit.commands",
+    "terdit.eval.cli",
 ]
 
 
@@ -36,7 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage errors (status 2) and --help (status 0)
+        return int(e.code or 0)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

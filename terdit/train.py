@@ -287,7 +287,7 @@ class Trainer:
                     sync = model.no_sync()
                 with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                           enabled=self.autocast_dtype is not None):
-                    terms = diffusion.training_losses(lambda xt, tt: model(xt, tt, y), x, t, noise)
+                    terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y), x, t, noise)
                     loss = terms["loss"].mean()
                     (loss / a.grad_accum).backward()
                 terms_sum += torch.stack([loss.detach(), terms["mse"].mean().detach(),

@@ -71,6 +71,7 @@ def test_alpha_inits():
     assert initial_alpha(torch.zeros(10, 16), "absmean") == pytest.approx(0.25)
     assert initial_alpha(w, "ones") == 1.0
     g = torch.Generator().manual_seed(3)
-    assert initial_alpha(w, "randn", g) == pytest.approx(float(torch.randn(1, generator=torch.Generator().manual_seed(3))))
+    expected = float(torch.randn(1, generator=torch.Generator().manual_seed(3)))
+    assert initial_alpha(w, "randn", g) == pytest.approx(expected)
     with pytest.raises(ValueError):
         initial_alpha(w, "nope")
