@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/digits", help="run folder to write")
     p.add_argument("--config", default="TerDiT-Digits", help="model config name (see `terdit configs`)")
     p.add_argument("--no-ternary", dest="ternary", action="store_false", help="full-precision twin (Large-DiT)")
+    p.add_argument("--linear", choices=["fp", "ternary", "bitnet"], default=None,
+                   help="block linears: fp, ternary (TerDiT) or bitnet (BitNet b1.58 baseline)")
     p.add_argument("--no-adaln-norm", dest="adaln_norm", action="store_false",
                    help="drop the RMSNorm after adaLN (the paper's ablation)")
     p.add_argument("--alpha-init", choices=["absmean", "randn", "ones"], default=None,

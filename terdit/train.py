@@ -49,6 +49,7 @@ class TrainArgs:
     out: str = "runs/digits"
     config: str = "TerDiT-Digits"
     ternary: bool = True
+    linear: str | None = None  # "fp" | "ternary" | "bitnet"; overrides `ternary` when given
     adaln_norm: bool = True
     alpha_init: str | None = None
     qk_norm: bool = False
@@ -211,7 +212,8 @@ class Trainer:
         if h != w:
             raise TerditError(f"data samples are {h}x{w}; TerDiT configs are square")
         overrides = dict(
-            ternary=a.ternary, adaln_norm=a.adaln_norm, alpha_init=a.alpha_init, qk_norm=a.qk_norm,
+            ternary=a.ternary if a.linear is None else None, linear=a.linear, adaln_norm=a.adaln_norm,
+            alpha_init=a.alpha_init, qk_norm=a.qk_norm,
             in_channels=c, input_size=h, num_classes=data.num_classes,
         )
         return get_config(a.config, **overrides)

@@ -40,6 +40,8 @@ class TerDiTConfig:
     name: str = field(default="custom", compare=False)
 
     def __post_init__(self) -> None:
+        if self.linear not in ("fp", "ternary", "bitnet"):
+            raise TerditError(f"config: linear must be fp, ternary or bitnet, got {self.linear!r}")
         if self.dim % self.n_heads:
             raise TerditError(f"config: dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if (self.dim // self.n_heads) % 2:

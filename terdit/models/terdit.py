@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from terdit.models.configs import TerDiTConfig, get_config
+from terdit.quant.bitnet import BitLinear
 from terdit.quant.layers import make_linear
 from terdit.quant.ternary import TernaryLinear
 
@@ -145,8 +146,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.attention = Attention(cfg, rope)
         self.feed_forward = FeedForward(cfg)
-        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # BitNet b1.58 normalises inside every BitLinear and drops these two norms (paper Sec. III-C)
+        bitnet = cfg.linear == "bitnet"
+        self.attention_norm = nn.Identity() if bitnet else RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = nn.Identity() if bitnet else RMSNorm(cfg.dim, cfg.norm_eps)
         adaln = [nn.SiLU(), _linear_factory(cfg)(cfg.cond_dim, 6 * cfg.dim, bias=True)]
         if cfg.adaln_norm:  # TerDiT: RMSNorm over the whole 6*dim vector, before it is chunked
             adaln.append(RMSNorm(6 * cfg.dim, cfg.norm_eps))
@@ -247,8 +250,9 @@ class TerDiT(nn.Module):
                 tokens = block(tokens, c)
         return self.unpatchify(self.final_layer(tokens, c), h, w)
 
-    def ternary_layers(self) -> dict[str, TernaryLinear]:
-        return {n: m for n, m in self.named_modules() if isinstance(m, TernaryLinear)}
+    def ternary_layers(self) -> dict[str, nn.Linear]:
+        """The quantized block linears (TerDiT's TernaryLinear or BitNet's BitLinear), by module name."""
+        return {n: m for n, m in self.named_modules() if isinstance(m, (TernaryLinear, BitLinear))}
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters in quantized block linear weights vs everything else (works on the meta device)."""

@@ -6,10 +6,11 @@ from typing import Literal
 
 from torch import nn
 
+from terdit.quant.bitnet import BitLinear
 from terdit.quant.ternary import AlphaInit, Granularity, TernaryLinear
 
-LinearKind = Literal["fp", "ternary"]
-LINEAR_KINDS: tuple[str, ...] = ("fp", "ternary")
+LinearKind = Literal["fp", "ternary", "bitnet"]
+LINEAR_KINDS: tuple[str, ...] = ("fp", "ternary", "bitnet")
 
 
 def make_linear(
@@ -20,9 +21,12 @@ def make_linear(
     alpha_init: AlphaInit = "absmean",
     granularity: Granularity = "tensor",
 ) -> nn.Linear:
-    """A linear layer of the requested kind: plain float ("fp") or QAT ternary ("ternary")."""
+    """A linear layer of the requested kind: plain float ("fp"), TerDiT's QAT ternary ("ternary") or
+    BitNet b1.58's BitLinear ("bitnet": input RMSNorm, 8-bit activations, ternary weights)."""
     if kind == "fp":
         return nn.Linear(in_features, out_features, bias=bias)
     if kind == "ternary":
         return TernaryLinear(in_features, out_features, bias, alpha_init=alpha_init, granularity=granularity)
+    if kind == "bitnet":
+        return BitLinear(in_features, out_features, bias)
     raise ValueError(f"unknown linear kind {kind!r}; choose from {LINEAR_KINDS}")
