@@ -16,6 +16,9 @@ from terdit.errors import TerditError
 COMMAND_MODULES = [
     "terdit.commands",
     "terdit.eval.cli",
+    "terdit.data.cli",
+    "terdit.mass_sample",
+    "terdit.info",
 ]
 
 

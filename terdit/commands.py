@@ -53,7 +53,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qk-norm", action="store_true", help="LayerNorm on q and k")
     p.add_argument("--data", default=None, help="image folder or latent folder (default: embedded digits)")
     p.add_argument("--resolution", type=_positive_int, default=None, help="image resolution (image folders)")
-    p.add_argument("--vae", default=None, help="VAE hub id or local dir for image folders")
+    p.add_argument("--vae", default=None, help="VAE hub id or local dir for image folders ('none': pixels)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
+    p.add_argument("--vae-mean", dest="vae_sample", action="store_false",
+                   help="encode images with the posterior mean (default: a sample, as DiT)")
+    p.add_argument("--class-map", default=None, help="JSON {folder name: class index} for image folders")
+    p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping")
     p.add_argument("--steps", type=_positive_int, default=3000)
     p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch size")
     p.add_argument("--grad-accum", type=_positive_int, default=1)

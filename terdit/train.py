@@ -56,6 +56,10 @@ class TrainArgs:
     data: str | None = None
     resolution: int | None = None
     vae: str | None = None
+    flip: bool = True
+    vae_sample: bool = True
+    class_map: str | None = None
+    strict_data: bool = False
     steps: int = 3000
     batch_size: int = 128
     grad_accum: int = 1
@@ -221,8 +225,9 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         a, d = self.args, self.dist
-        data = open_training_data(a.data, resolution=a.resolution, vae=a.vae, seed=a.seed,
-                                  num_workers=a.num_workers) if a.data else open_training_data(None)
+        data = open_training_data(a.data, resolution=a.resolution, vae=a.vae, seed=a.seed, flip=a.flip,
+                                  vae_sample=a.vae_sample, class_map=a.class_map, num_workers=a.num_workers,
+                                  strict=a.strict_data) if a.data else open_training_data(None)
         if self.config is None:
             self.config = self._build_config(data)
         self._decode = data.decode
@@ -283,7 +288,7 @@ class Trainer:
                     with torch.no_grad():
                         x = data.encode(x)
                 t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=self.device)
-                noise = torch.randn_like(x)
+                noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)  # not _like: layout-independent
                 sync = contextlib.nullcontext()
                 if isinstance(model, nn.parallel.DistributedDataParallel) and k < a.grad_accum - 1:
                     sync = model.no_sync()

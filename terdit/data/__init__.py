@@ -14,7 +14,10 @@ from terdit.errors import TerditError
 
 
 def open_training_data(data: str | None = None, **options) -> TrainingData:
-    """`None` or "digits": the embedded digits; a path: an image folder (+ VAE) or a latent directory."""
+    """`None` or "digits": the embedded digits; a path: an image folder (+ VAE) or a latent directory.
+
+    `options` go to `terdit.data.sources.open_image_data` (resolution, vae, seed, flip, vae_sample,
+    class_map, num_workers, strict)."""
     if data in (None, "digits"):
         return digits_training_data()
     if not Path(data).exists():
@@ -26,4 +29,10 @@ def open_training_data(data: str | None = None, **options) -> TrainingData:
     return open_image_data(data, **options)
 
 
-__all__ = ["TrainingData", "digits_training_data", "load_digits_arrays", "open_training_data", "to_digit_levels"]
+__all__ = [
+    "TrainingData",
+    "digits_training_data",
+    "load_digits_arrays",
+    "open_training_data",
+    "to_digit_levels",
+]

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from terdit.hub import TerDiTHubMixin
 from terdit.models.configs import TerDiTConfig, get_config
 from terdit.quant.bitnet import BitLinear
 from terdit.quant.layers import make_linear
@@ -183,8 +184,11 @@ def _linear_factory(cfg: TerDiTConfig):
     return lin
 
 
-class TerDiT(nn.Module):
-    """Class-conditional diffusion transformer; `config.linear` = "fp" gives Large-DiT."""
+class TerDiT(nn.Module, TerDiTHubMixin):
+    """Class-conditional diffusion transformer; `config.linear` = "fp" gives Large-DiT.
+
+    save_pretrained / from_pretrained / push_to_hub come from TerDiTHubMixin (terdit.hub).
+    """
 
     def __init__(self, config: TerDiTConfig) -> None:
         super().__init__()

@@ -1,0 +1,99 @@
+"""Data sub-commands: `terdit extract-latents`. Also runnable alone (``python -m terdit.data.cli``), which
+is how ``torchrun --nproc_per_node N -m terdit.data.cli extract-latents ...`` spreads the work."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from terdit.errors import TerditError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from terdit.data.latents import extract_latents
+
+    if args.num_workers < 0:
+        raise TerditError("--num-workers must be >= 0")
+    manifest = extract_latents(
+        args.data, args.out, vae=args.vae, resolution=args.resolution, flip=args.flip, vae_mode=args.vae_mode,
+        seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
+        strict=args.strict, class_map=args.class_map, store_dtype=args.store_dtype, device=args.device,
+        dtype=_DTYPES[args.dtype], max_shards=args.max_shards, progress=not args.no_progress,
+    )
+    if int(os.environ.get("RANK", "0")) == 0:
+        if manifest is None:
+            print(f"{args.out}: stopped after --max-shards {args.max_shards}; "
+                  "rerun the same command to continue")
+        else:
+            print(f"{args.out}: {manifest['num_items']} latents {tuple(manifest['latent_shape'])} in "
+                  f"{len(manifest['shards'])} shard(s), {manifest['num_classes']} classes, "
+                  f"{manifest['num_skipped']} file(s) skipped")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "extract-latents",
+        help="encode an image folder into VAE latents once, for fast training",
+        description="Encode root/<class>/*.jpg|png|... through a VAE into sharded, memory-mappable latents. "
+                    "Resumable (rerun to continue); under torchrun each process takes its share of shards.",
+    )
+    p.add_argument("data", help="image folder, one sub-folder per class")
+    p.add_argument("--vae", required=True,
+                   help="hub id (stabilityai/sd-vae-ft-ema, ...-mse; 'ema'/'mse' for short) "
+                        "or a local diffusers directory")
+    p.add_argument("--out", required=True, help="latent directory to write (or to continue)")
+    p.add_argument("--resolution", type=_positive, default=256, help="image side after ADM center crop")
+    p.add_argument("--flip", action="store_true", help="also store latents of the mirrored images")
+    p.add_argument("--vae-mode", choices=["mean", "sample", "moments"], default="mean",
+                   help="store the posterior mean, one seeded sample, "
+                        "or mean+std (samples then drawn while training)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --vae-mode sample")
+    p.add_argument("--batch-size", type=_positive, default=32, help="images per VAE call (per process)")
+    p.add_argument("--shard-size", type=_positive, default=4096, help="images per shard file")
+    p.add_argument("--num-workers", type=int, default=4, help="image decoding processes (per process)")
+    p.add_argument("--strict", action="store_true", help="fail on any unreadable file or empty class")
+    p.add_argument("--class-map", help="JSON {folder_name: class_index} instead of sorted folder order")
+    p.add_argument("--store-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of stored latents")
+    p.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK if present, else cpu)")
+    p.add_argument("--dtype", choices=list(_DTYPES), default="fp32", help="VAE compute dtype")
+    p.add_argument("--max-shards", type=_positive, help="stop after this many new shards per process")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_extract)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point with only the data sub-commands (same error handling as `terdit`)."""
+    from terdit.cli import _Parser
+
+    parser = _Parser(prog="terdit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    register(sub)
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except TerditError as e:
+        print(f"terdit {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

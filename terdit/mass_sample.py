@@ -1,0 +1,296 @@
+"""`terdit sample-npz`: DiT's FID sampling protocol (sample_ddp.py), resumable and split over processes.
+
+Defaults follow DiT's FID-50K recipe: 50,000 samples, uniformly random labels, guidance 1.5, 250 DDPM
+steps, clamp(127.5 x + 128) to uint8, one ADM npz with `arr_0` (N, H, W, C) and `labels`.
+
+Unlike DiT, where each rank seeds itself from (seed, rank) and the result depends on the process count,
+batch b always holds samples [b * B, (b + 1) * B) and its labels and noise are a pure function of
+(seed, b). Each finished batch is written atomically to OUT.parts/, so an interrupted run restarted with
+the same settings, on any number of processes, yields the same file as one uninterrupted run.
+
+Several processes: `torchrun --nproc_per_node 8 --no-python -- terdit sample-npz --run RUN ...`; the `--`
+keeps torchrun from reading `--run` as an abbreviation of its own `--run-path`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from terdit.commands import _nonneg_float, _positive_int, add_device_args
+from terdit.errors import TerditError
+from terdit.io import atomic_write, atomic_write_text
+
+SETTINGS_FILE = "settings.json"
+PART_GLOB = "batch-*.npz"
+_LABELS, _NOISE = 1, 2  # distinct seed spaces for the two random draws of a batch
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: equal samples give a byte-identical npz
+
+
+@dataclass
+class MassSampleArgs:
+    """Everything `terdit sample-npz` takes."""
+
+    run: str
+    out: str = "samples.npz"
+    num_samples: int = 50_000
+    cfg: float = 1.5
+    cfg_channels: int | None = None
+    steps: int = 250
+    sampler: str = "ddpm"
+    eta: float = 0.0
+    batch_size: int = 32
+    seed: int = 0
+    classes: list[int] | None = None
+    ema: bool = True
+    device: str | None = None
+    dtype: str | None = None
+    progress: bool = True
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of the keys (numpy's SeedSequence hashing)."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def num_batches(num_samples: int, batch_size: int) -> int:
+    return -(-num_samples // batch_size)
+
+
+def batch_size_of(b: int, num_samples: int, batch_size: int) -> int:
+    """Batch b covers samples [b * B, min((b + 1) * B, N)); only the last one may be short."""
+    return min(batch_size, num_samples - b * batch_size)
+
+
+def batch_labels(seed: int, b: int, count: int, classes: Sequence[int]) -> np.ndarray:
+    """User-facing labels of batch b: uniform over `classes`, a function of (seed, b) only."""
+    gen = torch.Generator().manual_seed(derived_seed(seed, _LABELS, b))
+    idx = torch.randint(len(classes), (count,), generator=gen)
+    return np.asarray(classes, dtype=np.int64)[idx.numpy()]
+
+
+def batch_noise_seed(seed: int, b: int) -> int:
+    """The seed sample_latents gets for batch b (initial and per-step noise)."""
+    return derived_seed(seed, _NOISE, b)
+
+
+def part_path(parts: Path, b: int) -> Path:
+    return parts / f"batch-{b:06d}.npz"
+
+
+def parts_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def _model_identity(run: str | Path) -> str:
+    """What weights a run folder samples from (its latest checkpoint), so a parts folder started before
+    training went on is not silently mixed with samples of newer weights."""
+    from terdit import run as runlib
+
+    try:
+        return str(runlib.latest_checkpoint(run).resolve())
+    except (TerditError, OSError):
+        return str(Path(run).resolve())
+
+
+def settings_of(args: MassSampleArgs, classes: Sequence[int], dtype: torch.dtype) -> dict:
+    """What determines the samples; the process count and device are deliberately not part of it."""
+    return {
+        "weights": _model_identity(args.run), "ema": args.ema, "num_samples": args.num_samples,
+        "batch_size": args.batch_size, "seed": args.seed, "cfg": args.cfg, "cfg_channels": args.cfg_channels,
+        "steps": args.steps, "sampler": args.sampler, "eta": args.eta if args.sampler == "ddim" else 0.0,
+        "classes": [int(c) for c in classes], "dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _check_args(args: MassSampleArgs) -> None:
+    out = Path(args.out)
+    checks = [
+        (args.num_samples >= 1, f"--num-samples must be >= 1, got {args.num_samples}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {args.sampler}"),
+        (args.cfg_channels is None or args.cfg_channels >= 1, f"--cfg-channels must be >= 1, got {args.cfg_channels}"),
+        (out.suffix.lower() == ".npz", f"--out {out}: must end in .npz"),
+        (not args.classes or len(set(args.classes)) == len(args.classes), "--classes has repeated ids"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise TerditError(msg)
+    if out.exists() and not parts_dir(out).is_dir():
+        raise TerditError(f"--out {out} already exists; delete it or choose another path")
+
+
+def _prepare_parts(parts: Path, settings: dict, is_main: bool, info) -> None:
+    """Create the parts folder with its settings (rank 0), then every rank checks they match ours, so all
+    ranks fail together on a mismatch instead of some waiting forever at a barrier."""
+    from terdit.distributed import barrier
+
+    file = parts / SETTINGS_FILE
+    if is_main and not file.is_file():
+        parts.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(file, json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    barrier(info)
+    try:
+        stored = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise TerditError(f"{file}: unreadable settings ({e}); delete {parts} to start over") from e
+    if stored != settings:
+        diff = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        shown = ", ".join(f"{k}: {stored.get(k)!r} there, {settings.get(k)!r} now" for k in diff[:3])
+        raise TerditError(f"{parts} was started with different settings ({shown}); rerun with the same "
+                          f"settings to resume, or delete it to start over")
+
+
+def _write_part(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    def write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.savez(f, images=images, labels=labels)
+
+    atomic_write(path, write)
+
+
+def _read_part(path: Path, count: int, labels: np.ndarray) -> np.ndarray:
+    """A finished batch's images, checked against what batch b must hold (count and labels)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, stored = z["images"], z["labels"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise TerditError(f"{path}: unreadable part ({e}); delete it and rerun to redraw it") from e
+    if images.dtype != np.uint8 or images.ndim != 4 or len(images) != count or not np.array_equal(stored, labels):
+        raise TerditError(f"{path}: does not hold the expected batch; delete it and rerun to redraw it")
+    return images
+
+
+def assemble(parts: Path, out: Path, settings: dict) -> Path:
+    """Concatenate the parts into OUT (atomically) one batch at a time: memory holds one batch, not N images.
+
+    The npz is written as numpy's format inside an uncompressed zip64, which np.load and ADM's evaluator
+    read like any np.savez output."""
+    n, bsz, seed, classes = settings["num_samples"], settings["batch_size"], settings["seed"], settings["classes"]
+    nb = num_batches(n, bsz)
+    missing = [b for b in range(nb) if not part_path(parts, b).is_file()]
+    if missing:
+        raise TerditError(f"{parts}: {len(missing)} batches missing (first {missing[0]}); rerun to finish")
+    labels = [batch_labels(seed, b, batch_size_of(b, n, bsz), classes) for b in range(nb)]
+    first = _read_part(part_path(parts, 0), len(labels[0]), labels[0])
+    shape = (n, *(int(s) for s in first.shape[1:]))
+
+    def member(zf: zipfile.ZipFile, name: str):
+        info = zipfile.ZipInfo(name, date_time=_ZIP_TIME)
+        info.compress_type = zipfile.ZIP_STORED
+        return zf.open(info, "w", force_zip64=True)
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            with member(zf, "arr_0.npy") as f:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                          "shape": shape}
+                np.lib.format.write_array_header_1_0(f, header)
+                for b in range(nb):
+                    images = first if b == 0 else _read_part(part_path(parts, b), len(labels[b]), labels[b])
+                    if images.shape[1:] != shape[1:]:
+                        raise TerditError(f"{part_path(parts, b)}: images {images.shape[1:]}, batch 0 has "
+                                          f"{shape[1:]}; delete {parts} to start over")
+                    f.write(np.ascontiguousarray(images).tobytes())
+            with member(zf, "labels.npy") as f:
+                np.lib.format.write_array(f, np.concatenate(labels), allow_pickle=False)
+
+    return atomic_write(out, write)
+
+
+def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | None:
+    """Draw args.num_samples samples into args.out; under torchrun the batches are shared among ranks.
+
+    Returns the npz path on rank 0 once written, None elsewhere. `max_batches` stops this process after
+    drawing that many batches without assembling (it simulates an interrupted run, for tests)."""
+    from tqdm import tqdm
+
+    from terdit.distributed import barrier, broadcast_object, init_distributed, shutdown
+    from terdit.sample import check_sampling_args, generate, to_uint8
+    from terdit.serving import load_for_sampling, resolve_device
+
+    _check_args(args)
+    dev = resolve_device(args.device)
+    owns_group = not torch.distributed.is_initialized()  # a caller's process group is left alone
+    info = init_distributed(dev.type)
+    try:
+        device = f"cuda:{info.local_rank}" if dev.type == "cuda" and dev.index is None and info.enabled else str(dev)
+        model, decode, map_labels = load_for_sampling(args.run, ema=args.ema, device=device, dtype=args.dtype)
+        k = model.config.num_classes
+        classes = list(args.classes) if args.classes else list(range(k))
+        check_sampling_args(k, classes, args.cfg, args.steps)
+        dtype = next(model.parameters()).dtype
+        settings = settings_of(args, classes, dtype)
+        out, parts = Path(args.out), parts_dir(args.out)
+        _prepare_parts(parts, settings, info.is_main, info)
+
+        nb = num_batches(args.num_samples, args.batch_size)
+        todo = [b for b in range(nb) if not part_path(parts, b).is_file()] if info.is_main else None
+        todo = broadcast_object(todo, info)  # one listing, so ranks agree on who draws what
+        mine = todo[info.rank :: info.world_size]  # round-robin over what is left keeps ranks balanced
+        if max_batches is not None:
+            mine = mine[:max_batches]
+        bar = tqdm(mine, desc="sample-npz", unit="batch", disable=not (args.progress and info.is_main))
+        for b in bar:
+            labels = batch_labels(args.seed, b, batch_size_of(b, args.num_samples, args.batch_size), classes)
+            images = generate(model, map_labels(labels.tolist()), decode=decode, cfg_scale=args.cfg,
+                              steps=args.steps, sampler=args.sampler, eta=args.eta,
+                              seed=batch_noise_seed(args.seed, b), guide_channels=args.cfg_channels,
+                              dtype=dtype if dtype != torch.float32 else None)
+            _write_part(part_path(parts, b), to_uint8(images), labels)
+        if max_batches is not None:
+            return None
+        barrier(info)
+        if not info.is_main:
+            return None
+        path = assemble(parts, out, settings)
+        shutil.rmtree(parts)
+        return path
+    finally:
+        if owns_group:
+            shutdown(info)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample-npz", help="draw many samples into one ADM npz for FID (DiT's protocol; resumable, "
+                                          "torchrun-parallel)")
+    p.add_argument("--run", required=True, help="run folder (or deploy folder)")
+    p.add_argument("--num-samples", type=_positive_int, default=50_000, help="default 50000 (FID-50K)")
+    p.add_argument("--cfg", type=_nonneg_float, default=1.5,
+                   help="classifier-free guidance scale; 1 = none (default 1.5, DiT's FID setting)")
+    p.add_argument("--cfg-channels", type=_positive_int, default=None,
+                   help="guide only the first N channels (3 = the public code's quirk; default all)")
+    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
+    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=32,
+                   help="samples per batch, each process draws one batch at a time; the result does not "
+                        "depend on the process count (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="default 0")
+    p.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="draw labels uniformly from these ids only (default: all classes)")
+    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--out", default="samples.npz",
+                   help="ADM npz to write (default samples.npz); finished batches wait in OUT.parts/ until "
+                        "all are drawn")
+    add_device_args(p)
+    p.set_defaults(func=cmd_sample_npz)
+
+
+def cmd_sample_npz(args: argparse.Namespace) -> int:
+    fields = {k: v for k, v in vars(args).items() if k in MassSampleArgs.__dataclass_fields__}
+    path = sample_npz(MassSampleArgs(**fields))
+    if path is not None:
+        print(f"wrote {args.num_samples} samples to {path}")
+    return 0
+
