@@ -43,11 +43,15 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/digits", help="run folder to write")
     p.add_argument("--config", default="TerDiT-Digits", help="model config name (see `terdit configs`)")
-    p.add_argument("--no-ternary", dest="ternary", action="store_false", help="full-precision twin (Large-DiT)")
+    p.add_argument("--no-ternary", dest="ternary", action="store_false",
+                   help="full-precision twin (Large-DiT: plain linears, no RMSNorm after adaLN)")
     p.add_argument("--linear", choices=["fp", "ternary", "bitnet"], default=None,
                    help="block linears: fp, ternary (TerDiT) or bitnet (BitNet b1.58 baseline)")
-    p.add_argument("--no-adaln-norm", dest="adaln_norm", action="store_false",
-                   help="drop the RMSNorm after adaLN (the paper's ablation)")
+    norm = p.add_mutually_exclusive_group()
+    norm.add_argument("--no-adaln-norm", dest="adaln_norm", action="store_false", default=None,
+                      help="drop the RMSNorm after adaLN (the paper's ablation)")
+    norm.add_argument("--adaln-norm", dest="adaln_norm", action="store_true", default=None,
+                      help="keep the RMSNorm after adaLN in a full-precision model (default: off, as Large-DiT)")
     p.add_argument("--alpha-init", choices=["absmean", "randn", "ones"], default=None,
                    help="initial alpha of ternary layers (config default: absmean)")
     p.add_argument("--qk-norm", action="store_true", help="LayerNorm on q and k")

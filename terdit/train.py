@@ -50,7 +50,7 @@ class TrainArgs:
     config: str = "TerDiT-Digits"
     ternary: bool = True
     linear: str | None = None  # "fp" | "ternary" | "bitnet"; overrides `ternary` when given
-    adaln_norm: bool = True
+    adaln_norm: bool | None = None  # None: on for ternary/bitnet, off for fp (Large-DiT)
     alpha_init: str | None = None
     qk_norm: bool = False
     data: str | None = None

@@ -125,7 +125,7 @@ def test_ternary_model_equals_fp_model_with_dequantized_weights():
     tern = TerDiT(get_config("TerDiT-Micro"))
     for p in tern.parameters():  # leave the zero init so every path is exercised
         torch.nn.init.normal_(p, std=0.1) if p.dim() > 1 else torch.nn.init.normal_(p, mean=0.5, std=0.1)
-    fp = TerDiT(get_config("TerDiT-Micro", ternary=False))
+    fp = TerDiT(get_config("TerDiT-Micro", ternary=False, adaln_norm=True))
     state = {k: v for k, v in tern.state_dict().items() if not k.endswith("alphas")}
     for name, layer in tern.ternary_layers().items():
         state[f"{name}.weight"] = layer.alphas.detach() * ternarize(layer.weight.detach())[0]
@@ -161,3 +161,10 @@ def test_gradients_reach_alpha_and_latent_weights():
     for name, layer in model.ternary_layers().items():
         assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0, name
         assert layer.alphas.grad is not None, name
+
+
+def test_full_precision_twin_is_large_dit():
+    assert get_config("TerDiT-600M", ternary=False).adaln_norm is False
+    assert get_config("TerDiT-600M", ternary=False, adaln_norm=True).adaln_norm is True
+    assert get_config("TerDiT-600M").adaln_norm is True
+    assert get_config("TerDiT-600M", adaln_norm=False).linear == "ternary"

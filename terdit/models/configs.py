@@ -123,7 +123,11 @@ def config_names() -> list[str]:
 
 
 def get_config(name: str, **overrides: Any) -> TerDiTConfig:
-    """A named config; `ternary=False` selects the full-precision twin, other keys override fields."""
+    """A named config; other keys override fields (None = keep the default).
+
+    `ternary=False` (or `linear="fp"`) selects the full-precision Large-DiT twin, which has no RMSNorm
+    after adaLN unless `adaln_norm=True` is asked for; TerDiT and BitNet keep the norm switch as given.
+    """
     key = ALIASES.get(name, name)
     if key not in CONFIGS:
         raise TerditError(f"unknown config {name!r}; choose from {', '.join(CONFIGS)}")
@@ -132,4 +136,6 @@ def get_config(name: str, **overrides: Any) -> TerDiTConfig:
     if ternary is not None:
         fields["linear"] = "ternary" if ternary else "fp"
     fields.update({k: v for k, v in overrides.items() if v is not None})
+    if fields.get("linear") == "fp" and overrides.get("adaln_norm") is None:
+        fields["adaln_norm"] = False  # Large-DiT
     return TerDiTConfig.from_dict(fields)
