@@ -63,7 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="encode images with the posterior mean (default: a sample, as DiT)")
     p.add_argument("--class-map", default=None, help="JSON {folder name: class index} for image folders")
     p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping")
-    p.add_argument("--steps", type=_positive_int, default=3000)
+    p.add_argument("--steps", type=_positive_int, default=2000)
     p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch size")
     p.add_argument("--grad-accum", type=_positive_int, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
@@ -101,6 +101,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--out", default=None, help=".png grid or .npz (default: RUN/sample.png)")
+    p.add_argument("--vae", default=None, help="VAE to decode latents (default: the one the run trained with)")
+    p.add_argument("--policy", choices=["memory", "speed"], default="memory",
+                   help="packed models: unpack per call (memory) or cache unpacked weights (speed)")
     add_device_args(p)
     p.set_defaults(func=cmd_sample)
 
@@ -151,7 +154,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.run) / "sample.png"
     if out.suffix.lower() not in (".png", ".npz"):
         raise TerditError(f"--out {out}: must end in .png (grid) or .npz (ADM arrays)")
-    model, decode, map_labels = load_for_sampling(args.run, ema=args.ema, device=args.device, dtype=args.dtype)
+    model, decode, map_labels = load_for_sampling(args.run, ema=args.ema, device=args.device, dtype=args.dtype,
+                                                  vae=args.vae, policy=args.policy)
     classes = args.classes if args.classes is not None else list(range(min(model.config.num_classes, 10)))
     check_sampling_args(model.config.num_classes, classes, args.cfg, args.steps)
     labels = [c for c in classes for _ in range(args.num_per_class)]

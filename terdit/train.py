@@ -60,7 +60,7 @@ class TrainArgs:
     vae_sample: bool = True
     class_map: str | None = None
     strict_data: bool = False
-    steps: int = 3000
+    steps: int = 2000
     batch_size: int = 128
     grad_accum: int = 1
     lr: float = 5e-4

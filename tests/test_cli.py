@@ -62,7 +62,7 @@ def test_bad_run_paths(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
     assert main(["sample", "--run", str(tmp_path / "empty")]) == 2
-    assert "is not a terdit run" in capsys.readouterr().err
+    assert "not a terdit model directory" in capsys.readouterr().err
 
 
 def test_bad_training_input(tmp_path, capsys):
