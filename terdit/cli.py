@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "terdit.mass_sample",
     "terdit.info",
     "terdit.analysis",
+    "terdit.reproduce",
 ]
 
 
