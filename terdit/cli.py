@@ -56,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     except TerditError as e:
         print(f"terdit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"terdit {args.command}: interrupted", file=sys.stderr)
         return 130

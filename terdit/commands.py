@@ -5,33 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from terdit.cliargs import add_device_args, nonneg_float, positive_int
 from terdit.errors import TerditError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                   help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -56,28 +31,28 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="initial alpha of ternary layers (config default: absmean)")
     p.add_argument("--qk-norm", action="store_true", help="LayerNorm on q and k")
     p.add_argument("--data", default=None, help="image folder or latent folder (default: embedded digits)")
-    p.add_argument("--resolution", type=_positive_int, default=None, help="image resolution (image folders)")
+    p.add_argument("--resolution", type=positive_int, default=None, help="image resolution (image folders)")
     p.add_argument("--vae", default=None, help="VAE hub id or local dir for image folders ('none': pixels)")
     p.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flips")
     p.add_argument("--vae-mean", dest="vae_sample", action="store_false",
                    help="encode images with the posterior mean (default: a sample, as DiT)")
     p.add_argument("--class-map", default=None, help="JSON {folder name: class index} for image folders")
     p.add_argument("--strict-data", action="store_true", help="fail on unreadable images instead of skipping")
-    p.add_argument("--steps", type=_positive_int, default=2000)
-    p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch size")
-    p.add_argument("--grad-accum", type=_positive_int, default=1)
+    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--lr-drop-step", type=_positive_int, default=None, help="step at which lr drops")
+    p.add_argument("--lr-drop-step", type=positive_int, default=None, help="step at which lr drops")
     p.add_argument("--lr-after-drop", type=float, default=1e-4)
     p.add_argument("--ema-decay", type=float, default=None,
                    help="default 0.9999, capped so the EMA horizon is <= 10%% of --steps")
-    p.add_argument("--grad-clip", type=_nonneg_float, default=2.0, help="0 disables clipping")
+    p.add_argument("--grad-clip", type=nonneg_float, default=2.0, help="0 disables clipping")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=_positive_int, default=None, help="also checkpoint every N steps")
-    p.add_argument("--keep-checkpoints", type=_positive_int, default=2)
-    p.add_argument("--log-every", type=_positive_int, default=10)
-    p.add_argument("--sample-every", type=_positive_int, default=None, help="write a sample grid every N steps")
-    p.add_argument("--sample-cfg", type=_nonneg_float, default=4.0, help="guidance of the sample grids")
+    p.add_argument("--ckpt-every", type=positive_int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--keep-checkpoints", type=positive_int, default=2)
+    p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--sample-every", type=positive_int, default=None, help="write a sample grid every N steps")
+    p.add_argument("--sample-cfg", type=nonneg_float, default=4.0, help="guidance of the sample grids")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--grad-checkpointing", action="store_true")
@@ -91,13 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw samples from a run to a PNG grid or an ADM npz")
     p.add_argument("--run", required=True, help="run folder (or deploy folder)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: 0..min(K,10)-1)")
-    p.add_argument("--num-per-class", type=_positive_int, default=1)
+    p.add_argument("--num-per-class", type=positive_int, default=1)
     p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
-    p.add_argument("--cfg-channels", type=_positive_int, default=None,
+    p.add_argument("--cfg-channels", type=positive_int, default=None,
                    help="guide only the first N channels (3 = the public code's quirk; default all)")
     p.add_argument("--steps", type=int, default=250, help="sampling steps")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta")
+    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--out", default=None, help=".png grid or .npz (default: RUN/sample.png)")

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from terdit.cliargs import positive_int
 from terdit.errors import TerditError
 from terdit.models.configs import ALIASES, CONFIGS, TerDiTConfig, get_config
 
@@ -285,22 +286,14 @@ def format_report(info: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="config, parameter counts, bits per weight, size and memory estimate of a model")
     p.add_argument("path", metavar="PATH", help="run folder, deploy / pretrained / pipeline directory, or config name")
-    p.add_argument("--resolution", type=_positive_int, default=None,
+    p.add_argument("--resolution", type=positive_int, default=None,
                    help="image resolution in pixels for the memory estimate (default: the model's native one)")
-    p.add_argument("--batch-size", type=_positive_int, default=1, help="images sampled at once (memory estimate)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images sampled at once (memory estimate)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_info)
 

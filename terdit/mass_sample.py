@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from terdit.commands import _nonneg_float, _positive_int, add_device_args
+from terdit.cliargs import add_device_args, nonneg_float, positive_int
 from terdit.errors import TerditError
 from terdit.io import atomic_write, atomic_write_text
 
@@ -264,15 +264,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample-npz", help="draw many samples into one ADM npz for FID (DiT's protocol; resumable, "
                                           "torchrun-parallel)")
     p.add_argument("--run", required=True, help="run folder (or deploy folder)")
-    p.add_argument("--num-samples", type=_positive_int, default=50_000, help="default 50000 (FID-50K)")
-    p.add_argument("--cfg", type=_nonneg_float, default=1.5,
+    p.add_argument("--num-samples", type=positive_int, default=50_000, help="default 50000 (FID-50K)")
+    p.add_argument("--cfg", type=nonneg_float, default=1.5,
                    help="classifier-free guidance scale; 1 = none (default 1.5, DiT's FID setting)")
-    p.add_argument("--cfg-channels", type=_positive_int, default=None,
+    p.add_argument("--cfg-channels", type=positive_int, default=None,
                    help="guide only the first N channels (3 = the public code's quirk; default all)")
     p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
-    p.add_argument("--eta", type=_nonneg_float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=32,
+    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=32,
                    help="samples per batch, each process draws one batch at a time; the result does not "
                         "depend on the process count (default 32)")
     p.add_argument("--seed", type=int, default=0, help="default 0")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from terdit import run as runlib
+from terdit.cliargs import positive_int
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, atomic_write, atomic_write_text
 
@@ -939,14 +940,6 @@ def render_report(results: dict[str, Any]) -> str:
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------------
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -956,18 +949,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help=f"CI budget: {', '.join(f'{k}={v}' for k, v in QUICK_BUDGET.items())}")
     p.add_argument("--config", default="TerDiT-Digits", help="model config (see `terdit configs`)")
     p.add_argument("--data", default=None, help="training data (default: the embedded digits)")
-    p.add_argument("--steps", type=_positive_int, default=None, help=f"default {FULL_BUDGET['steps']}")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help=f"default {FULL_BUDGET['batch_size']}")
+    p.add_argument("--steps", type=positive_int, default=None, help=f"default {FULL_BUDGET['steps']}")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"default {FULL_BUDGET['batch_size']}")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
                    help=f"which rows to produce (default all): {', '.join(VARIANTS)}")
-    p.add_argument("--num-samples", type=_positive_int, default=None,
+    p.add_argument("--num-samples", type=positive_int, default=None,
                    help=f"samples per evaluation (default {FULL_BUDGET['num_samples']})")
-    p.add_argument("--sample-steps", type=_positive_int, default=None,
+    p.add_argument("--sample-steps", type=positive_int, default=None,
                    help=f"DDPM sampling steps (default {FULL_BUDGET['sample_steps']})")
     p.add_argument("--cfg", type=float, nargs="+", default=[1.5, 4.0],
                    help="guidance scales: the first at every checkpoint and for the claims, all at the last")
-    p.add_argument("--eval-every", type=_positive_int, default=None,
+    p.add_argument("--eval-every", type=positive_int, default=None,
                    help=f"checkpoint and evaluate every N steps (default {FULL_BUDGET['eval_every']})")
     p.add_argument("--lr-drop-fraction", type=float, default=0.75, help="where terdit-lr-drop drops its LR")
     p.add_argument("--metrics", choices=["auto", "digits", "loss"], default="auto",

@@ -9,19 +9,12 @@ import sys
 
 import torch
 
+from terdit.cliargs import positive_int
 from terdit.errors import TerditError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -58,21 +51,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="hub id (stabilityai/sd-vae-ft-ema, ...-mse; 'ema'/'mse' for short) "
                         "or a local diffusers directory")
     p.add_argument("--out", required=True, help="latent directory to write (or to continue)")
-    p.add_argument("--resolution", type=_positive, default=256, help="image side after ADM center crop")
+    p.add_argument("--resolution", type=positive_int, default=256, help="image side after ADM center crop")
     p.add_argument("--flip", action="store_true", help="also store latents of the mirrored images")
     p.add_argument("--vae-mode", choices=["mean", "sample", "moments"], default="mean",
                    help="store the posterior mean, one seeded sample, "
                         "or mean+std (samples then drawn while training)")
     p.add_argument("--seed", type=int, default=0, help="seed for --vae-mode sample")
-    p.add_argument("--batch-size", type=_positive, default=32, help="images per VAE call (per process)")
-    p.add_argument("--shard-size", type=_positive, default=4096, help="images per shard file")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call (per process)")
+    p.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
     p.add_argument("--num-workers", type=int, default=4, help="image decoding processes (per process)")
     p.add_argument("--strict", action="store_true", help="fail on any unreadable file or empty class")
     p.add_argument("--class-map", help="JSON {folder_name: class_index} instead of sorted folder order")
     p.add_argument("--store-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of stored latents")
     p.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK if present, else cpu)")
     p.add_argument("--dtype", choices=list(_DTYPES), default="fp32", help="VAE compute dtype")
-    p.add_argument("--max-shards", type=_positive, help="stop after this many new shards per process")
+    p.add_argument("--max-shards", type=positive_int, help="stop after this many new shards per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_extract)
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from terdit.data.base import TrainingData
+from terdit.errors import TerditError
 
 DIGITS_LEVELS = 16  # sklearn's digits take integer values 0..16
 
@@ -24,7 +25,7 @@ def load_digits_arrays(split: str = "all", test_fraction: float = 0.2, seed: int
     n_test = int(round(len(y) * test_fraction))
     idx = {"test": order[:n_test], "train": order[n_test:]}.get(split)
     if idx is None:
-        raise ValueError(f"split must be 'all', 'train' or 'test', got {split!r}")
+        raise TerditError(f"digits split must be 'train', 'test' or 'all', got {split!r}")
     return x[np.sort(idx)], y[np.sort(idx)]
 
 

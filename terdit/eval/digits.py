@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from terdit.data.digits import load_digits_arrays
 from terdit.errors import TerditError
 from terdit.io import load_tensors, save_tensors
 
 CACHE_ENV = "TERDIT_CACHE"
-DIGITS_LEVELS = 16  # sklearn's digit pixels are integers 0..16
 
 
 @dataclass(frozen=True)
@@ -59,22 +59,8 @@ class DigitsMLP(nn.Module):
 
 
 def digits_split(split: str, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Digits as model-space images x = d / 16 * 2 - 1 of shape (N, 1, 8, 8) float32 and labels, for
-    split "train", "test" (a fixed held-out permutation slice) or "all"."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images.astype(np.float32) / DIGITS_LEVELS * 2 - 1)[:, None]
-    y = d.target.astype(np.int64)
-    if split == "all":
-        return x, y
-    order = np.random.default_rng(seed).permutation(len(y))
-    n_test = int(round(len(y) * test_fraction))
-    parts = {"test": order[:n_test], "train": order[n_test:]}
-    if split not in parts:
-        raise TerditError(f"digits split must be 'train', 'test' or 'all', got {split!r}")
-    idx = np.sort(parts[split])
-    return x[idx], y[idx]
+    """Digits as model-space images (N, 1, 8, 8) in [-1, 1] and labels; the split training data uses."""
+    return load_digits_arrays(split, test_fraction, seed)
 
 
 def digits_uint8(split: str = "all") -> np.ndarray:
