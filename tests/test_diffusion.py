@@ -127,3 +127,11 @@ def test_sampling_is_deterministic_for_a_seed():
     assert torch.equal(a, b) and not torch.equal(a, c)
     d = sample_latents(model, [1, 2], cfg_scale=2.0, steps=5, seed=7, sampler="ddim")
     assert d.shape == a.shape and torch.isfinite(d).all()
+
+
+def test_single_step_sampling_with_fixed_variance():
+    model = TerDiT(get_config("TerDiT-Micro", learn_sigma=False)).eval().requires_grad_(False)
+    d = GaussianDiffusion.create(1, learn_sigma=False)
+    assert d.timestep_map.tolist() == [999]
+    out = d.sample(lambda x, t: model(x, t, torch.tensor([1])), torch.randn(1, 4, 8, 8))
+    assert torch.isfinite(out).all()

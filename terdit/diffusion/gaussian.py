@@ -123,7 +123,7 @@ class GaussianDiffusion:
         """Mean and variance of p(x_{t-1} | x_t) from the network output (eps, v)."""
         eps, v = self.split_output(out, xt.shape[1])
         if v is None:  # fixed large variance, as improved-DDPM's FIXED_LARGE
-            var_arr = np.append(self.posterior_variance[1], self.betas[1:])
+            var_arr = np.append(self.posterior_variance[1], self.betas[1:]) if len(self.betas) > 1 else self.betas
             log_var = _take(np.log(var_arr), t, xt)
         else:
             min_log = _take(self.posterior_log_variance_clipped, t, xt)
