@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "terdit.data.cli",
     "terdit.mass_sample",
     "terdit.info",
+    "terdit.deploy.cli",
     "terdit.analysis",
     "terdit.reproduce",
 ]

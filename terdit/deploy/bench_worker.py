@@ -1,0 +1,151 @@
+"""Benchmark measurements, each in a fresh process; prints one JSON line.
+
+    python -m terdit.deploy.bench_worker memory --dir D --policy P   peak memory of one variant
+    python -m terdit.deploy.bench_worker times --dir D1 --policy P1 --dir D2 --policy P2 ...
+
+Memory: a fresh process per variant keeps resident-memory numbers independent; the peak of the sampling
+steps is measured after loading, on CPU by resetting the kernel's high-water mark (/proc/self/clear_refs)
+and reading VmHWM, on CUDA with torch.cuda.max_memory_allocated. Time: all variants in one process,
+interleaved (see `measure_times`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _status_kb(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _setup(directory: str, policy: str, dev: torch.device, dt: torch.dtype, batch: int, cfg: float, seed: int):
+    """Load a deploy directory and return (model, one-sampling-step callable, load seconds)."""
+    from terdit.deploy.loader import load_deployed
+    from terdit.diffusion.guidance import guided_model_fn
+
+    t0 = time.perf_counter()
+    model = load_deployed(directory, device=dev, dtype=dt, policy=policy)
+    _sync(dev)
+    load_s = time.perf_counter() - t0
+    c = model.config
+    gen = torch.Generator().manual_seed(seed)  # the same inputs for every variant
+    x = torch.randn(batch, c.in_channels, c.input_size, c.input_size, generator=gen).to(dev, dt)
+    labels = torch.randint(0, c.num_classes, (batch,), generator=gen).to(dev)
+    t = torch.full((batch,), 500, device=dev)
+    fn = guided_model_fn(model, labels, cfg, null_class=c.num_classes)
+    return model, (lambda: fn(x, t)), load_s
+
+
+def _timed(step, dev: torch.device) -> float:
+    _sync(dev)
+    s = time.perf_counter()
+    with torch.inference_mode():
+        step()
+    _sync(dev)
+    return time.perf_counter() - s
+
+
+def measure_memory(directory: str, policy: str, device: str, dtype: str, batch: int, cfg: float, seed: int) -> dict:
+    """Peak memory of sampling steps (a warm-up and one more) in this fresh process, after loading."""
+    from terdit.deploy.format import parse_dtype
+
+    dev = torch.device(device)
+    _, step, load_s = _setup(directory, policy, dev, parse_dtype(dtype), batch, cfg, seed)
+    rss_loaded = _status_kb("VmRSS")
+    load_peak = _status_kb("VmHWM")  # includes loading; not ru_maxrss, which keeps the parent's peak over exec
+    peak_reset = _reset_peak_rss() if dev.type == "cpu" else False
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    times = [_timed(step, dev) for _ in range(2)]
+    out = {
+        "load_s": load_s,
+        "unpaired_step_s": times[-1],
+        "rss_after_load_mb": rss_loaded / 1024 if rss_loaded else None,
+        "load_peak_rss_mb": load_peak / 1024 if load_peak else None,
+    }
+    if dev.type == "cuda":
+        out["peak_step_mb"] = torch.cuda.max_memory_allocated(dev) / 2**20
+        out["peak_kind"] = "CUDA max_memory_allocated during the steps"
+    else:
+        hwm = _status_kb("VmHWM")
+        out["peak_step_mb"] = (hwm or 0) / 1024
+        out["peak_kind"] = "RSS high-water mark during the steps" if peak_reset else "process peak RSS (incl. loading)"
+    return out
+
+
+def measure_times(
+    specs: list[tuple[str, str]], device: str, dtype: str, batch: int, repeats: int, cfg: float, seed: int
+) -> dict:
+    """Step times of several variants loaded side by side, interleaved round by round.
+
+    Interleaving makes the comparison fair on a shared machine: a burst of background load hits every
+    variant of a round alike. Round 0 is a warm-up. Ratios are medians of per-round ratios to variant 0.
+    """
+    from terdit.deploy.format import parse_dtype
+
+    dev = torch.device(device)
+    steps = [_setup(d, p, dev, parse_dtype(dtype), batch, cfg, seed)[1] for d, p in specs]
+    load_before = os.getloadavg()[0]
+    times: list[list[float]] = [[] for _ in specs]
+    for r in range(repeats + 1):
+        for i, step in enumerate(steps):
+            dt = _timed(step, dev)
+            if r:
+                times[i].append(dt)
+    ratios = [[t / t0 for t, t0 in zip(ts, times[0])] for ts in times]
+    return {
+        "step_s": times,
+        "median_step_s": [statistics.median(ts) for ts in times],
+        "median_ratio_to_first": [statistics.median(rs) for rs in ratios],
+        "loadavg_1min": [load_before, os.getloadavg()[0]],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("mode", choices=["memory", "times"])
+    p.add_argument("--dir", action="append", required=True, help="deploy directory (repeat for 'times')")
+    p.add_argument("--policy", action="append", required=True, help="policy per --dir")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--cfg", type=float, default=1.5)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.mode == "memory":
+        out = measure_memory(a.dir[0], a.policy[0], a.device, a.dtype, a.batch, a.cfg, a.seed)
+    else:
+        out = measure_times(list(zip(a.dir, a.policy)), a.device, a.dtype, a.batch, a.repeats, a.cfg, a.seed)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""`terdit convert`: a public release directory -> a deploy directory.
+
+A TerDiT release converted to "2bit" keeps its packed bytes unchanged (bit-exact); "base3" repacks the
+same codes. A Large-DiT (full-precision) release becomes a deploy directory of format "fp".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from terdit.deploy.export import export_model
+from terdit.deploy.loader import load_deployed
+from terdit.deploy.public import is_release_dir
+from terdit.errors import TerditError
+
+
+def convert_release(
+    src: str | Path, out: str | Path, fmt: str | None = None, dtype: str | None = None
+) -> Path:
+    """Convert release `src`. `fmt` defaults to "2bit" for TerDiT releases and must be "fp" for Large-DiT;
+    `dtype` (of the float tensors) defaults to the release's own."""
+    if not is_release_dir(src):
+        raise TerditError(f"{src}: not a release directory (no model_args.pth)")
+    model = load_deployed(src, device="cpu", dtype="fp32", policy="memory")
+    ternary = model.config.ternary
+    fmt = fmt or ("2bit" if ternary else "fp")
+    if not ternary and fmt != "fp":
+        raise TerditError(
+            f"{src}: a full-precision release converts to format 'fp' (use `terdit quantize` for PTQ)"
+        )
+    if ternary and fmt == "fp":
+        raise TerditError(f"{src}: a ternary release converts to '2bit' or 'base3'")
+    dtype = dtype or model.deploy_info["dtype"]
+    return export_model(
+        model,
+        out,
+        fmt,
+        dtype,
+        source=model.deploy_info["source"],
+        label_permutation=model.deploy_info["label_permutation"],
+    )

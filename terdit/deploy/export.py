@@ -1,0 +1,124 @@
+"""Write a deploy directory from a model: packed ternary codes, per-layer alpha, full-precision rest.
+
+Works for a QAT model (TernaryLinear: codes from `ternarize` of the latent weight, exactly as its forward
+computes them), for a model loaded with `load_deployed` (PackedLinear: its stored codes, so
+packed -> model -> packed is bit-exact), and with format "fp" for full-precision models.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, dtype_name, parse_dtype, write_config
+from terdit.deploy.packed_linear import PackedLinear
+from terdit.errors import TerditError
+from terdit.io import atomic_dir, save_tensors
+from terdit.models.configs import TerDiTConfig
+from terdit.quant.packing import FORMATS, pack_codes, padding
+from terdit.quant.ternary import TernaryLinear, ternarize
+
+PACKED_SUFFIXES = ("weight", "alphas", "bias", "packed")
+
+
+def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Block linears whose weights are ternary: QAT (TernaryLinear) or deployed (PackedLinear)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (TernaryLinear, PackedLinear))}
+
+
+@torch.no_grad()
+def layer_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes [out, in], float32 alpha [1]) of a ternary layer, as its forward uses them."""
+    if isinstance(layer, TernaryLinear):
+        codes, _ = ternarize(layer.weight.detach(), layer.granularity)
+        return codes.to(torch.int8), layer.alphas.detach().float().reshape(1)
+    if isinstance(layer, PackedLinear):
+        return layer.codes(), layer.alphas.detach().float().reshape(1)
+    raise TypeError(f"not a ternary layer: {type(layer).__name__}")
+
+
+@torch.no_grad()
+def deploy_tensors(model: nn.Module, fmt: str, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of model.safetensors and the "packed" table of the deploy section."""
+    layers = packed_layers(model)
+    if fmt == "fp" and layers:
+        raise TerditError("format 'fp' is for full-precision models; this model has ternary layers")
+    if fmt != "fp" and fmt not in FORMATS:
+        raise TerditError(f"unknown format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt in FORMATS and not layers:
+        raise TerditError(
+            "the model has no ternary layers to pack (a full-precision model: use PTQ first, "
+            "or export with format 'fp')"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    table: dict[str, dict[str, Any]] = {}
+    for name, layer in layers.items():
+        codes, alpha = layer_codes(layer)
+        out_f, in_f = codes.shape
+        tensors[f"{name}.weight"] = pack_codes(codes.cpu(), fmt, f"{name}.weight")[0]
+        tensors[f"{name}.alphas"] = alpha.cpu()
+        if layer.bias is not None:
+            tensors[f"{name}.bias"] = layer.bias.detach().to("cpu", dtype)
+        table[name] = {"shape": [out_f, in_f], "pad": padding(fmt, out_f, in_f)}
+    prefixes = tuple(f"{n}." for n in layers)
+    for key, value in model.state_dict().items():
+        if key.startswith(prefixes) and key.rsplit(".", 1)[-1] in PACKED_SUFFIXES:
+            continue
+        value = value.detach().cpu()
+        tensors[key] = value.to(dtype) if value.is_floating_point() else value
+    return tensors, table
+
+
+def export_model(
+    model: nn.Module,
+    out: str | Path,
+    fmt: str,
+    dtype: str | torch.dtype = "fp32",
+    source: dict[str, Any] | None = None,
+    label_permutation: str | None = None,
+) -> Path:
+    """Write `model` (with a `.config` TerDiTConfig) as a deploy directory at `out`, atomically.
+
+    `dtype` is the storage dtype of the full-precision tensors; alphas stay float32 and codes are exact.
+    """
+    dt = parse_dtype(dtype)
+    if label_permutation is None:  # a re-exported release keeps its class order
+        label_permutation = (getattr(model, "deploy_info", None) or {}).get("label_permutation")
+    tensors, table = deploy_tensors(model, fmt, dt)
+    info = DeployInfo(
+        format=fmt,
+        dtype=dtype_name(dt),
+        packed=table,
+        label_permutation=label_permutation,
+        source=dict(source or {}),
+    )
+    return write_deploy(out, model.config, info, tensors)
+
+
+def write_deploy(
+    out: str | Path, config: TerDiTConfig, info: DeployInfo, tensors: dict[str, torch.Tensor]
+) -> Path:
+    """Write config.json and model.safetensors into a new directory `out`, atomically."""
+
+    def fill(tmp: Path) -> None:
+        save_tensors(
+            tmp / WEIGHTS_FILE, tensors, metadata={"format": info.format, "terdit_deploy": str(info.version)}
+        )
+        write_config(tmp, config, info)
+
+    return atomic_dir(out, fill)
+
+
+def export_run(run: str | Path, out: str | Path, fmt: str, dtype: str = "fp32", ema: bool = True) -> Path:
+    """Pack the latest checkpoint of a training run (EMA weights by default)."""
+    from terdit.run import latest_checkpoint, load_run_model
+
+    ckpt = latest_checkpoint(run)
+    model = load_run_model(run, ema=ema, checkpoint=ckpt)
+    if not model.config.ternary:
+        raise TerditError(f"{run}: the run is full precision (linear='fp'); only ternary runs can be packed")
+    source = {"kind": "run", "run": str(Path(run).resolve()), "checkpoint": ckpt.name, "ema": ema}
+    return export_model(model, out, fmt, dtype, source=source)

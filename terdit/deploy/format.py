@@ -1,0 +1,106 @@
+"""The deploy directory: what `terdit export` / `terdit convert` write and `load_deployed` reads.
+
+DIR/config.json        the model config (TerDiTConfig fields) plus a "deploy" section:
+                       {"version", "format" (2bit | base3 | fp), "dtype" (of the float tensors),
+                        "label_permutation" (null | "lexicographic"), "source",
+                        "packed": {layer: {"shape": [out, in], "pad": zero codes added}}}
+DIR/model.safetensors  per packed layer: "<layer>.weight" uint8 in the on-disk layout of the format,
+                       "<layer>.alphas" float32 [1] and "<layer>.bias" when present; every other
+                       tensor of the model in full precision, under its state-dict name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from terdit.errors import TerditError
+from terdit.models.configs import TerDiTConfig
+from terdit.quant.packing import FORMATS
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+VERSION = 1
+DEPLOY_FORMATS: tuple[str, ...] = (*FORMATS, "fp")
+LABEL_PERMUTATIONS: tuple[str, ...] = ("lexicographic",)
+
+DTYPE_NAMES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """'fp32' | 'bf16' | 'fp16' (or a torch dtype) -> torch dtype."""
+    if isinstance(name, torch.dtype):
+        if name not in DTYPE_NAMES.values():
+            raise TerditError(f"unsupported dtype {name}; choose from {', '.join(DTYPE_NAMES)}")
+        return name
+    if name not in DTYPE_NAMES:
+        raise TerditError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPE_NAMES.items()}[parse_dtype(dtype)]
+
+
+@dataclass
+class DeployInfo:
+    format: str
+    dtype: str = "fp32"
+    packed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    label_permutation: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION
+
+    def __post_init__(self) -> None:
+        if self.format not in DEPLOY_FORMATS:
+            raise TerditError(f"deploy format must be one of {DEPLOY_FORMATS}, got {self.format!r}")
+        parse_dtype(self.dtype)
+        if self.label_permutation not in (None, *LABEL_PERMUTATIONS):
+            raise TerditError(f"unknown label_permutation {self.label_permutation!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_config(directory: Path, config: TerDiTConfig, info: DeployInfo) -> None:
+    payload = {**config.to_dict(), "deploy": info.to_dict()}
+    (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def is_deploy_dir(path: str | Path) -> bool:
+    cfg = Path(path) / CONFIG_FILE
+    if not cfg.is_file():
+        return False
+    try:
+        return "deploy" in json.loads(cfg.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def read_config(directory: str | Path) -> tuple[TerDiTConfig, DeployInfo]:
+    """Model config and deploy section of a deploy directory, with errors naming the file."""
+    path = Path(directory) / CONFIG_FILE
+    if not path.is_file():
+        raise TerditError(f"{directory}: not a deploy directory (no {CONFIG_FILE})")
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TerditError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(raw, dict) or not isinstance(raw.get("deploy"), dict):
+        raise TerditError(f"{path}: no 'deploy' section (a run folder? use `terdit export` first)")
+    deploy = raw.pop("deploy")
+    try:
+        info = DeployInfo(**deploy)
+    except TypeError as e:
+        raise TerditError(f"{path}: bad deploy section ({e})") from e
+    if info.version > VERSION:
+        raise TerditError(f"{path}: deploy version {info.version} is newer than this terdit ({VERSION})")
+    try:
+        config = TerDiTConfig.from_dict(raw)
+    except TypeError as e:
+        raise TerditError(f"{path}: bad model config ({e})") from e
+    return config, info

@@ -1,0 +1,73 @@
+"""`terdit quantize`: PTQ of a full-precision model into a new run folder.
+
+The output has the training run layout (config.json with linear="fp", checkpoints/NNNNNNN/{model,ema}
+.safetensors holding the fake-quantized weights), so sampling and evaluation read it unchanged, plus
+quantize.json describing the method and the per-layer relative errors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from terdit.errors import TerditError
+from terdit.io import atomic_dir, save_tensors
+from terdit.models.terdit import TerDiT
+from terdit.quant.ptq import quantize_model
+
+REPORT_FILE = "quantize.json"
+
+
+def load_source_model(src: str | Path, ema: bool = True) -> tuple[TerDiT, dict, str]:
+    """(full-precision model, source description, checkpoint name) from a run or an fp deploy/release dir."""
+    from terdit.deploy.format import is_deploy_dir
+    from terdit.deploy.loader import load_deployed
+    from terdit.deploy.public import is_release_dir
+    from terdit.run import CONFIG_FILE, latest_checkpoint, load_run_model
+
+    src = Path(src)
+    if (src / CONFIG_FILE).is_file() and not is_deploy_dir(src):
+        ckpt = latest_checkpoint(src)
+        model = load_run_model(src, ema=ema, checkpoint=ckpt)
+        return (
+            model,
+            {"kind": "run", "run": str(src.resolve()), "checkpoint": ckpt.name, "ema": ema},
+            ckpt.name,
+        )
+    if is_deploy_dir(src) or is_release_dir(src):
+        model = load_deployed(src, policy="memory")
+        if model.config.ternary:
+            raise TerditError(f"{src}: already ternary; PTQ applies to full-precision models")
+        return model, dict(model.deploy_info["source"], deploy_dir=str(src.resolve())), "0000000"
+    raise TerditError(f"{src}: not a run folder, deploy directory or release directory")
+
+
+def quantize_run(
+    src: str | Path, out: str | Path, method: str, granularity: str = "tensor", ema: bool = True
+) -> Path:
+    """Quantize `src` (EMA weights of a run by default) and write run folder `out`."""
+    from terdit.run import CKPT_DIR, CONFIG_FILE
+
+    model, source, step = load_source_model(src, ema)
+    if model.config.ternary:
+        raise TerditError(f"{src}: the run is ternary (QAT); PTQ applies to full-precision runs")
+    reports = quantize_model(model, method, granularity)
+    state = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
+    report = {
+        "method": method,
+        "granularity": granularity,
+        "source": source,
+        "layers": {r.name: {"shape": list(r.shape), "rel_error": r.rel_error} for r in reports},
+        "mean_rel_error": sum(r.rel_error for r in reports) / len(reports),
+    }
+
+    def fill(tmp: Path) -> None:
+        model.config.save(tmp / CONFIG_FILE)
+        ckpt = tmp / CKPT_DIR / step
+        ckpt.mkdir(parents=True)
+        meta = {"ptq_method": method, "ptq_granularity": granularity}
+        save_tensors(ckpt / "model.safetensors", state, metadata=meta)
+        save_tensors(ckpt / "ema.safetensors", state, metadata=meta)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+
+    return atomic_dir(out, fill)
