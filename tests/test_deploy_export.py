@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from random_models import random_micro as random_qat_model
 
 from terdit.deploy import PackedLinear, export_model, export_run, load_deployed, set_policy
 from terdit.deploy.format import WEIGHTS_FILE, read_config
@@ -15,16 +16,6 @@ from terdit.errors import TerditError
 from terdit.io import save_tensors
 from terdit.models import TerDiT, get_config
 from terdit.quant.packing import unpack_codes
-
-
-def random_qat_model(seed: int = 0, **overrides) -> TerDiT:
-    """A ternary Micro model with every tensor random (adaLN and output layers are zero at init)."""
-    torch.manual_seed(seed)
-    model = TerDiT(get_config("TerDiT-Micro", **overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.3 if name.endswith("alphas") else 0.05)
-    return model
 
 
 def inputs(cfg, n: int = 3):

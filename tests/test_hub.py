@@ -11,26 +11,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from random_models import random_micro as random_model
 
 import terdit.hub as hub
 from terdit.deploy import PackedLinear, export_model, load_deployed
 from terdit.errors import TerditError
 from terdit.io import load_tensors
-from terdit.models import TerDiT, get_config
+from terdit.models import TerDiT
 from terdit.run import load_run_model
 from terdit.train import TrainArgs, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
-
-def random_model(seed: int = 0, **overrides) -> TerDiT:
-    """A ternary Micro model with every tensor random (adaLN and output layers are zero at init)."""
-    torch.manual_seed(seed)
-    model = TerDiT(get_config("TerDiT-Micro", **overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.3 if name.endswith("alphas") else 0.05)
-    return model
 
 
 def forward(model: torch.nn.Module) -> torch.Tensor:
