@@ -85,3 +85,15 @@ def test_configs_lists_paper_sizes(capsys):
     assert main(["configs"]) == 0
     out = capsys.readouterr().out
     assert "TerDiT-600M" in out and "609,885,856" in out
+
+
+@pytest.mark.parametrize("fmt", ["2bit", "base3"])
+def test_exported_deploy_dir_samples_the_same_images(run_dir, tmp_path, fmt):
+    deploy = tmp_path / fmt
+    assert main(["export", str(run_dir), "--format", fmt, "--out", str(deploy)]) == 0
+    a, b = tmp_path / "qat.npz", tmp_path / "packed.npz"
+    common = ["--classes", "3", "1", "4", "--steps", "5", "--seed", "3"]
+    assert main(["sample", "--run", str(run_dir), *common, "--out", str(a)]) == 0
+    assert main(["sample", "--run", str(deploy), *common, "--out", str(b)]) == 0
+    with np.load(a) as x, np.load(b) as y:
+        assert np.array_equal(x["arr_0"], y["arr_0"])
