@@ -59,6 +59,16 @@ def atomic_dir(path: str | Path, fill: Callable[[Path], None]) -> Path:
     return path
 
 
+def read_json(path: str | Path):
+    """Parsed JSON, or a TerditError naming the file when it cannot be read or parsed."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise TerditError(f"{path}: not readable JSON ({e})") from e
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None):
     """safetensors, atomically; tensors are made contiguous and detached first."""
     flat = {k: v.detach().contiguous() for k, v in tensors.items()}

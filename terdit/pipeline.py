@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from terdit.diffusion import GaussianDiffusion, guided_model_fn
 from terdit.errors import TerditError
-from terdit.io import atomic_write_text
+from terdit.io import atomic_write_text, read_json
 from terdit.models.terdit import TerDiT
 
 MODEL_INDEX = "model_index.json"
@@ -119,10 +119,7 @@ def _load_scheduler(directory: Path):
     path = directory / SCHEDULER_CONFIG
     if not path.is_file():
         raise TerditError(f"{directory}: no {SCHEDULER_CONFIG}")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TerditError(f"{path}: not readable JSON ({e})") from e
+    config = read_json(path)
     name = config.get("_class_name")
     if name == GaussianDiffusionSampler.__name__:
         return GaussianDiffusionSampler.from_config(config)

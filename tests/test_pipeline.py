@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler
+from random_models import random_micro
 
 from terdit.diffusion import GaussianDiffusion, guided_model_fn, linear_betas, spaced_timesteps
 from terdit.errors import TerditError
-from terdit.models import TerDiT, get_config
+from terdit.models import TerDiT
 from terdit.pipeline import (
     GaussianDiffusionSampler,
     TerDiTPipeline,
@@ -25,12 +26,7 @@ SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"]
 
 
 def random_model(seed: int = 0, **overrides) -> TerDiT:
-    torch.manual_seed(seed)
-    model = TerDiT(get_config("TerDiT-Micro", **overrides)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(0, 0.3 if name.endswith("alphas") else 0.02)
-    return model
+    return random_micro(seed, std=0.02, **overrides)
 
 
 def tiny_vae() -> AutoencoderKL:

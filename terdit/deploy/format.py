@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from terdit.errors import TerditError
+from terdit.io import read_json
 from terdit.models.configs import TerDiTConfig
 from terdit.quant.packing import FORMATS
 
@@ -86,10 +87,7 @@ def read_config(directory: str | Path) -> tuple[TerDiTConfig, DeployInfo]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise TerditError(f"{directory}: not a deploy directory (no {CONFIG_FILE})")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise TerditError(f"{path}: not readable JSON ({e})") from e
+    raw = read_json(path)
     if not isinstance(raw, dict) or not isinstance(raw.get("deploy"), dict):
         raise TerditError(f"{path}: no 'deploy' section (a run folder? use `terdit export` first)")
     deploy = raw.pop("deploy")
