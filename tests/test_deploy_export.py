@@ -177,6 +177,10 @@ def test_memory_policy_row_blocks(tmp_path, fmt):
     for m in layers:
         m.scratch_limit = 7 * m.packed.shape[1] * (4 if fmt == "2bit" else 5) * 4  # 7 rows (uneven blocks)
     assert all(m._row_block(torch.float32) == 7 for m in layers)
+    # so attention runs by groups of heads and the FFN by blocks of hidden units (not the fallback)
+    block = dep.layers[0]
+    assert block.attention.heads_per_block(torch.float32) < model.config.n_heads
+    assert block.feed_forward.hidden_block(torch.float32) < model.config.ffn_hidden
     layers[0].scratch.clear()
     with torch.no_grad():
         out = dep(x, t, y)
@@ -184,3 +188,47 @@ def test_memory_policy_row_blocks(tmp_path, fmt):
     k = 4 if fmt == "2bit" else 5
     largest_block = max(7 * m.packed.shape[1] * k for m in layers)
     assert max(b.numel() for b in layers[0].scratch._bufs.values()) <= largest_block  # never a whole layer
+
+
+def test_memory_policy_trims_the_heap_after_blocks(tmp_path, monkeypatch):
+    """On glibc, the memory policy hands freed activations back after a block when enough is free."""
+    from terdit.deploy import loader
+
+    if loader._malloc_trim() is None:
+        pytest.skip("needs glibc (malloc_trim)")
+    model = random_qat_model(seed=8)
+    export_model(model, tmp_path / "dep", "2bit")
+    calls = []
+    monkeypatch.setattr(loader, "release_free_heap", lambda: calls.append(1))
+    x, t, y = inputs(model.config)
+    dep = load_deployed(tmp_path / "dep")
+    calls.clear()  # the one trim at the end of loading
+    monkeypatch.setattr(loader, "TRIM_FREE_BYTES", -1)  # "more than -1 bytes free": always
+    with torch.no_grad():
+        dep(x, t, y)
+    assert len(calls) == model.config.depth
+    monkeypatch.setattr(loader, "TRIM_FREE_BYTES", 2**62)
+    with torch.no_grad():
+        dep(x, t, y)
+    assert len(calls) == model.config.depth  # not above the threshold: no trim
+    monkeypatch.setattr(loader, "TRIM_FREE_BYTES", -1)
+    set_policy(dep, "speed")
+    with torch.no_grad():
+        dep(x, t, y)
+    assert len(calls) == model.config.depth  # the speed policy never trims
+
+
+def test_loading_does_not_import_torch_dynamo(tmp_path):
+    """Building the model on the meta device must not run normal_ there: torch's meta kernel for it
+    imports torch._dynamo and sympy (~900 modules, ~150 MB resident)."""
+    import subprocess
+    import sys
+
+    export_model(random_qat_model(seed=9), tmp_path / "dep", "base3")
+    code = (
+        "import sys; from terdit.deploy import load_deployed; "
+        f"load_deployed({str(tmp_path / 'dep')!r}); "
+        "print('torch._dynamo' in sys.modules, 'sympy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -21,12 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from terdit.deploy.kernels import find_kernel
+from terdit.models.terdit import Attention, FeedForward
 from terdit.quant.packing import DIGITS, code_lut, rows_shape, unpack_rows, unpack_rows_into
 
 POLICIES: tuple[str, ...] = ("memory", "speed")
 # Memory policy: a layer whose unpacked weight is larger than this is unpacked and multiplied in blocks of
-# output rows, so the shared scratch stays small (4.2B: 32 MiB instead of 96 MiB for an FFN weight).
-SCRATCH_LIMIT_BYTES = 32 * 2**20
+# output rows, so the shared scratch stays small (4.2B: 16 MiB instead of 96 MiB for an FFN weight).
+SCRATCH_LIMIT_BYTES = 16 * 2**20
 
 
 class Scratch:
@@ -103,14 +104,17 @@ class PackedLinear(nn.Module):
     def _unpack(self, out: torch.Tensor, dtype: torch.dtype, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         """Unpack output rows r0:r1 into the flat buffer `out`; returns the [rows, in] view."""
         r1 = self.out_features if r1 is None else r1
-        packed = self.packed[r0:r1]
+        return self._unpack_bytes(self.packed[r0:r1], out, dtype)[:, : self.in_features]
+
+    def _unpack_bytes(self, packed: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Unpack a [rows, bytes] block of the packed weight into the flat buffer `out`, as [rows, bytes * k]."""
         lut = code_lut(self.fmt, self.alphas, dtype)
         index = None
         if self.policy == "memory":
             index = self.scratch.get(packed.numel(), torch.int32, self.packed.device)
         out = out[: packed.numel() * DIGITS[self.fmt]]
         unpack_rows_into(packed, lut, out, index)
-        return out.view(r1 - r0, -1)[:, : self.in_features]
+        return out.view(packed.shape[0], -1)
 
     def weight_for(self, dtype: torch.dtype, need_fresh: bool = False) -> torch.Tensor:
         """alpha * codes as a [out, in] tensor in `dtype` (possibly a strided view), per the policy."""
@@ -133,19 +137,42 @@ class PackedLinear(nn.Module):
             if y is not None:  # None: the kernel declined this call (dtype, autograd, ...)
                 return y
         need_fresh = torch.is_grad_enabled() and x.requires_grad
-        b = None if self.bias is None else self.bias.to(x.dtype)
         block = self._row_block(x.dtype)
         if self.policy == "speed" or need_fresh or block >= self.out_features:
+            b = None if self.bias is None else self.bias.to(x.dtype)
             return F.linear(x, self.weight_for(x.dtype, need_fresh), b)
         # memory policy, large layer: unpack and multiply one block of output rows at a time
-        buf = self.scratch.get(block * self.packed.shape[1] * DIGITS[self.fmt], x.dtype, self.packed.device)
         x2 = x.reshape(-1, self.in_features)
         y = x2.new_empty(x2.shape[0], self.out_features)
         for r0 in range(0, self.out_features, block):
             r1 = min(self.out_features, r0 + block)
-            w = self._unpack(buf, x.dtype, r0, r1)
-            y[:, r0:r1] = F.linear(x2, w, None if b is None else b[r0:r1])
+            y[:, r0:r1] = self.rows_linear(x2, r0, r1)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def blockwise(self, x: torch.Tensor) -> bool:
+        """Whether a call with input `x` takes the unpack-into-scratch path (memory policy, no kernel, no grad)."""
+        return (
+            self.policy == "memory"
+            and find_kernel(self.fmt, x) is None
+            and not (torch.is_grad_enabled() and x.requires_grad)
+        )
+
+    def rows_linear(self, x2: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Output columns r0:r1 of the layer for a 2-D input, unpacking only those weight rows (scratch)."""
+        rows = r1 - r0
+        buf = self.scratch.get(rows * self.packed.shape[1] * DIGITS[self.fmt], x2.dtype, self.packed.device)
+        b = None if self.bias is None else self.bias[r0:r1].to(x2.dtype)
+        return F.linear(x2, self._unpack(buf, x2.dtype, r0, r1), b)
+
+    def cols_weight(self, c0: int, c1: int, dtype: torch.dtype) -> torch.Tensor:
+        """Input columns c0:c1 of the weight, [out, c1 - c0], unpacked into the scratch; c0 must be a
+        multiple of the codes per byte (k) so the block starts on a byte."""
+        k = DIGITS[self.fmt]
+        if c0 % k:
+            raise ValueError(f"column block must start at a multiple of {k}, got {c0}")
+        packed = self.packed[:, c0 // k : -(-c1 // k)]
+        buf = self.scratch.get(packed.numel() * k, dtype, self.packed.device)
+        return self._unpack_bytes(packed, buf, dtype)[:, : c1 - c0]
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
         self._cached = None  # moved or cast: the cache is rebuilt on the next call
@@ -157,6 +184,93 @@ class PackedLinear(nn.Module):
             f"bias={self.bias is not None}, "
             f"format={self.fmt}, policy={self.policy}"
         )
+
+
+class PackedAttention(Attention):
+    """Attention over PackedLinear projections (the loader swaps it in; same submodules and state-dict keys).
+
+    On the memory policy's unpack path, when the projections are larger than the scratch, q, k and v are
+    made and attended one group of heads at a time (the heads are row blocks of wq, wk, wv), so only one
+    group's q, k, v exist at once: for 4.2B at 1024 tokens, 15 MiB instead of 36 MiB. Per head this is
+    the same computation. Otherwise (small layers, speed policy, a fused kernel, autograd, q/k LayerNorm
+    over all heads) it is Attention.forward.
+    """
+
+    def __init__(self, attention: Attention) -> None:
+        nn.Module.__init__(self)  # adopt the existing submodules instead of building new ones
+        self.n_heads, self.head_dim = attention.n_heads, attention.head_dim
+        self.wq, self.wk, self.wv, self.wo = attention.wq, attention.wk, attention.wv, attention.wo
+        self.q_norm, self.k_norm, self.rope = attention.q_norm, attention.k_norm, attention.rope
+
+    def heads_per_block(self, dtype: torch.dtype) -> int:
+        return max(1, min(w._row_block(dtype) for w in (self.wq, self.wk, self.wv)) // self.head_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self.heads_per_block(x.dtype)
+        projections = (self.wq, self.wk, self.wv)
+        if (
+            group >= self.n_heads
+            or not isinstance(self.q_norm, nn.Identity)
+            or not all(isinstance(w, PackedLinear) and w.blockwise(x) for w in projections)
+        ):
+            return super().forward(x)
+        b, n, _ = x.shape
+        x2 = x.reshape(-1, self.wq.in_features)
+        out = x.new_empty(b, n, self.n_heads, self.head_dim)
+        for h0 in range(0, self.n_heads, group):
+            h1 = min(self.n_heads, h0 + group)
+            r0, r1, shape = h0 * self.head_dim, h1 * self.head_dim, (b, n, h1 - h0, self.head_dim)
+            q = self.rope(self.wq.rows_linear(x2, r0, r1).view(shape))
+            k = self.rope(self.wk.rows_linear(x2, r0, r1).view(shape))
+            v = self.wv.rows_linear(x2, r0, r1).view(shape)
+            out[:, :, h0:h1] = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            ).transpose(1, 2)
+            del q, k, v  # before the next group's are allocated
+        return self.wo(out.view(b, n, -1))
+
+
+class PackedFeedForward(FeedForward):
+    """SwiGLU w2(silu(w1 x) * w3 x) over PackedLinear layers (the loader swaps it in; same submodules).
+
+    On the memory policy's unpack path, when the layers are larger than the scratch, the FFN runs one
+    block of hidden units at a time: rows of w1 and w3 give that block of silu(w1 x) * w3 x, and the
+    matching columns of w2 add its contribution to the output. Neither w1 x, w3 x nor the hidden
+    activation ever exists whole (for 4.2B at 1024 tokens: three 32 MiB tensors, the model's largest).
+    The block sums change the fp32 summation order of w2 (differences at rounding level). Otherwise
+    (small layers, speed policy, a fused kernel, autograd) it is FeedForward.forward.
+    """
+
+    def __init__(self, feed_forward: FeedForward) -> None:
+        nn.Module.__init__(self)  # adopt the existing submodules instead of building new ones
+        self.w1, self.w2, self.w3 = feed_forward.w1, feed_forward.w2, feed_forward.w3
+
+    def hidden_block(self, dtype: torch.dtype) -> int:
+        """Hidden units per block: what fits the scratch for w1, w3 and w2, on a byte boundary of w2."""
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        k = DIGITS[w2.fmt]
+        w2_cols = w2.scratch_limit // (w2.out_features * dtype.itemsize)
+        block = min(w1._row_block(dtype), w3._row_block(dtype), w2_cols)
+        return max(k, block // k * k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w2, w3 = self.w1, self.w2, self.w3
+        if not all(isinstance(w, PackedLinear) and w.blockwise(x) for w in (w1, w2, w3)):
+            return super().forward(x)
+        hidden = w1.out_features
+        block = self.hidden_block(x.dtype)
+        if block >= hidden:
+            return super().forward(x)
+        x2 = x.reshape(-1, w1.in_features)
+        out = x2.new_zeros(x2.shape[0], w2.out_features)
+        for h0 in range(0, hidden, block):
+            h1 = min(hidden, h0 + block)
+            h = F.silu(w1.rows_linear(x2, h0, h1), inplace=True).mul_(w3.rows_linear(x2, h0, h1))
+            out.addmm_(h, w2.cols_weight(h0, h1, x.dtype).t())
+            del h  # before the next block's w1 output is allocated
+        if w2.bias is not None:
+            out.add_(w2.bias.to(out.dtype))
+        return out.view(*x.shape[:-1], w2.out_features)
 
 
 def set_policy(model: nn.Module, policy: str) -> None:

@@ -30,13 +30,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), self.weight.shape, self.weight.float(), self.eps).to(x.dtype)
+
+
+def _building_on_meta() -> bool:
+    """True inside `with torch.device("meta")`, where modules are built only for their shapes."""
+    return torch.get_default_device().type == "meta"
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return torch.addcmul(shift.unsqueeze(1), x, 1 + scale.unsqueeze(1))  # one output, no temporary
 
 
 class TimestepEmbedder(nn.Module):
@@ -69,7 +72,11 @@ class LabelEmbedder(nn.Module):
         super().__init__()
         self.num_classes = num_classes
         self.dropout_prob = dropout_prob
-        self.embedding_table = nn.Embedding(num_classes + int(dropout_prob > 0), hidden)
+        rows = num_classes + int(dropout_prob > 0)
+        # On the meta device (deploy loading, parameter counts) skip nn.Embedding's normal_ init: torch
+        # has no C++ meta kernel for normal_, and its Python one imports ~900 modules (~150 MB resident).
+        weight = torch.empty(rows, hidden) if _building_on_meta() else None
+        self.embedding_table = nn.Embedding(rows, hidden, _weight=weight)
 
     def forward(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
         if force_drop_ids is not None:
@@ -81,30 +88,31 @@ class LabelEmbedder(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """1-D RoPE over the raster order of patches, rotating adjacent pairs (2i, 2i+1), in fp32."""
+    """1-D RoPE over the raster order of patches, rotating adjacent pairs (2i, 2i+1), in fp32.
+
+    As a complex multiplication (like the public code): one output tensor and no temporaries.
+    """
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
-        self._cache: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def cos_sin(self, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotation(self, n: int, device: torch.device) -> torch.Tensor:
+        """(n, head_dim / 2) complex64: exp(i * position * theta^(-2j / head_dim))."""
         key = (n, device)
         if key not in self._cache:
             inv = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
             angles = torch.outer(torch.arange(n, dtype=torch.float32), inv)
-            self._cache[key] = (angles.cos().to(device), angles.sin().to(device))
+            self._cache[key] = torch.polar(torch.ones_like(angles), angles).to(device)
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, H, head_dim)."""
-        cos, sin = self.cos_sin(x.shape[1], x.device)
-        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-        xf = x.float().unflatten(-1, (-1, 2))
-        x0, x1 = xf[..., 0], xf[..., 1]
-        out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
-        return out.to(x.dtype)
+        rot = self.rotation(x.shape[1], x.device)[None, :, None, :]
+        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -119,13 +127,17 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = nn.Identity()
         self.rope = rope
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v as (B, H, N, head_dim) views, RoPE applied right after each projection."""
+        shape = (*x.shape[:2], self.n_heads, self.head_dim)
+        q = self.rope(self.q_norm(self.wq(x)).view(shape))
+        k = self.rope(self.k_norm(self.wk(x)).view(shape))
+        return q.transpose(1, 2), k.transpose(1, 2), self.wv(x).view(shape).transpose(1, 2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, _ = x.shape
-        q, k, v = self.q_norm(self.wq(x)), self.k_norm(self.wk(x)), self.wv(x)
-        q, k, v = (z.view(b, n, self.n_heads, self.head_dim) for z in (q, k, v))
-        q, k = self.rope(q), self.rope(k)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.wo(out.transpose(1, 2).reshape(b, n, -1))
+        # One expression, so q, k, v and the attention output are freed as soon as they are used: with
+        # packed weights, activations are a large part of inference memory (4.2B: 12 MiB each).
+        return self.wo(F.scaled_dot_product_attention(*self.heads(x)).transpose(1, 2).reshape(*x.shape[:2], -1))
 
 
 class FeedForward(nn.Module):
@@ -200,7 +212,8 @@ class TerDiT(nn.Module, TerDiTHubMixin):
         rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         self.layers = nn.ModuleList(TransformerBlock(cfg, rope) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch_size, cfg.out_channels)
-        self.initialize_weights()
+        if not _building_on_meta():  # meta tensors have no values to initialise (see LabelEmbedder)
+            self.initialize_weights()
 
     @classmethod
     def from_config_name(cls, name: str, **overrides) -> TerDiT:

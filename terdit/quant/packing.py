@@ -250,15 +250,15 @@ def unpack_rows_into(
 ) -> torch.Tensor:
     """Gather lut[byte] for every byte into `out` (contiguous, [out, nbytes * k]); one pass, no temporaries.
 
-    `index` is an optional int32 scratch of packed_rows.numel() elements (the gather needs int indices).
+    `packed_rows` may be a strided view (a block of byte columns). `index` is an optional int32 scratch of
+    at least packed_rows.numel() elements (the gather needs int indices).
     """
-    flat = packed_rows.reshape(-1)
     if index is None:
-        idx = flat.to(torch.int32)
+        idx = packed_rows.to(torch.int32)
     else:
-        idx = index[: flat.numel()]
-        idx.copy_(flat)
-    torch.index_select(lut, 0, idx, out=out.view(-1, lut.shape[1]))
+        idx = index[: packed_rows.numel()].view(packed_rows.shape)
+        idx.copy_(packed_rows)
+    torch.index_select(lut, 0, idx.view(-1), out=out.view(-1, lut.shape[1]))
     return out
 
 
