@@ -308,8 +308,10 @@ class TerDiTHubMixin(
             from terdit.deploy.format import DeployInfo, parse_dtype
 
             deploy = DeployInfo(**info)
-            tensors, table = deploy_tensors(self, deploy.format, parse_dtype(deploy.dtype))
-            deploy.packed = table
+            tensors, table, int8_keys = deploy_tensors(
+                self, deploy.format, parse_dtype(deploy.dtype), int8=bool(deploy.int8_rows)
+            )
+            deploy.packed, deploy.int8_rows = table, int8_keys
             save_tensors(save_directory / WEIGHTS_FILE, tensors,
                          metadata={"format": deploy.format, "terdit_deploy": str(deploy.version)})
             payload = {**self.config.to_dict(), "deploy": deploy.to_dict()}

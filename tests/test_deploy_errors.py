@@ -157,5 +157,6 @@ def test_bench_smoke(capsys):
     assert set(rows) == {"fp32", "base3/memory"}
     assert result["forward_rows"] == 4
     assert result["size_ratio_fp32_over_packed"]["base3"] > 1
+    assert set(result["packed_size_bytes"]) == {"base3", "base3+bf16", "base3+int8"}
     assert rows["base3/memory"]["peak_step_mb"] > 0 and rows["base3/memory"]["time_ratio_vs_fp32"] > 0
     assert "base3/memory" in format_table(result)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from terdit.deploy.export import write_deploy
+from terdit.deploy.export import int8_rows, write_deploy
 from terdit.deploy.format import WEIGHTS_FILE, DeployInfo
 from terdit.errors import TerditError
 from terdit.models.configs import TerDiTConfig, get_config
@@ -40,8 +40,12 @@ TARGETS = {
 
 
 @torch.no_grad()
-def random_deploy_dir(config: TerDiTConfig, fmt: str, out: Path, seed: int = 0, store_dtype: str = "fp32") -> Path:
-    """A deploy directory with random weights: codes uniform in {-1, 0, 1}, floats N(0, 0.02^2)."""
+def random_deploy_dir(
+    config: TerDiTConfig, fmt: str, out: Path, seed: int = 0, store_dtype: str = "fp32", int8: bool = False
+) -> Path:
+    """A deploy directory with random weights: codes uniform in {-1, 0, 1}, floats N(0, 0.02^2).
+
+    `int8`: the large float matrices as int8 rows (as `terdit export --int8`)."""
     with torch.device("meta"):
         model = TerDiT(config)
     gen = torch.Generator().manual_seed(seed)
@@ -61,7 +65,13 @@ def random_deploy_dir(config: TerDiTConfig, fmt: str, out: Path, seed: int = 0, 
     for key, p in model.named_parameters():
         if not key.startswith(prefixes):
             tensors[key] = (torch.randn(p.shape, generator=gen) * 0.02).to(dt)
-    info = DeployInfo(format=fmt, dtype=store_dtype, packed=table, source={"kind": "random", "seed": seed})
+    info = DeployInfo(
+        format=fmt,
+        dtype=store_dtype,
+        packed=table,
+        source={"kind": "random", "seed": seed},
+        int8_rows=int8_rows(tensors) if int8 else [],
+    )
     return write_deploy(out, config, info, tensors)
 
 
@@ -120,10 +130,12 @@ def run_bench(
     seed: int = 0,
     timeout: float | None = None,
     timing: bool = True,
+    extra_sizes: bool = True,
     log=print,
 ) -> dict[str, Any]:
     """Build the checkpoints, measure memory per variant (a process each) and step times (all variants in
-    one process, interleaved), and return sizes, times and ratios."""
+    one process, interleaved), and return sizes, times and ratios. `extra_sizes`: also write (and delete)
+    the bf16 and int8-rows storage variants, for their checkpoint sizes."""
     for f in formats:
         if f not in FORMATS:
             raise TerditError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
@@ -146,9 +158,10 @@ def run_bench(
             log(f"[bench] writing random packed {config_name} ({fmt})")
             d = random_deploy_dir(base, fmt, root / fmt, seed)
             sizes[fmt] = (d / WEIGHTS_FILE).stat().st_size
-            half = random_deploy_dir(base, fmt, root / f"{fmt}-bf16", seed, store_dtype="bf16")
-            sizes[f"{fmt}+bf16"] = (half / WEIGHTS_FILE).stat().st_size
-            shutil.rmtree(half)
+            for suffix, int8 in (("bf16", False), ("int8", True)) if extra_sizes else ():  # sizes only
+                d2 = random_deploy_dir(base, fmt, root / f"{fmt}-{suffix}", seed, store_dtype="bf16", int8=int8)
+                sizes[f"{fmt}+{suffix}"] = (d2 / WEIGHTS_FILE).stat().st_size
+                shutil.rmtree(d2)
             for policy in policies:
                 variants.append(Variant(f"{fmt}/{policy}", fmt, policy, d, sizes[fmt]))
         for v in variants:
@@ -232,7 +245,7 @@ def _targets(config_name: str, device: str, size_ratios: dict, rows: list[dict])
     t: dict[str, dict] = {}
     if config_name == "TerDiT-600M":
         for fmt, key in (("2bit", "size_ratio_2bit"), ("base3", "size_ratio_base3")):
-            for variant in (fmt, f"{fmt}+bf16"):
+            for variant in (fmt, f"{fmt}+bf16", f"{fmt}+int8"):
                 if variant in size_ratios:
                     t[f"{key} ({variant})"] = {
                         "target": f">= {TARGETS[key]}",
@@ -273,7 +286,10 @@ def format_table(result: dict) -> str:
         + ("" if result["fp32_size_measured"] else " (computed: params x 4 bytes, not written)"),
     ]
     for k, s in result["packed_size_bytes"].items():
-        what = "float tensors in bf16" if k.endswith("+bf16") else "float tensors in fp32"
+        what = {
+            "bf16": "float tensors in bf16",
+            "int8": "large float matrices in int8 rows (lossy), other floats in bf16",
+        }.get(k.rpartition("+")[2], "float tensors in fp32")
         lines.append(f"  {k:<12} {s / mb:9.1f} MiB  ratio {result['size_ratio_fp32_over_packed'][k]:6.2f}x  ({what})")
     lines.append(
         f"{'variant':<14}{'size MiB':>10}{'step s':>10}{'load MiB':>10}{'peak MiB':>10}{'t/t_fp32':>10}{'mem/fp32':>10}"

@@ -18,6 +18,7 @@ from terdit.deploy.packed_linear import PackedLinear
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, save_tensors
 from terdit.models.configs import TerDiTConfig
+from terdit.quant.int8 import SCALE_SUFFIX, int8_eligible, quantize_rows
 from terdit.quant.packing import FORMATS, pack_codes, padding
 from terdit.quant.ternary import TernaryLinear, ternarize
 
@@ -41,8 +42,10 @@ def layer_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def deploy_tensors(model: nn.Module, fmt: str, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict]:
-    """The tensors of model.safetensors and the "packed" table of the deploy section."""
+def deploy_tensors(
+    model: nn.Module, fmt: str, dtype: torch.dtype, int8: bool = False
+) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """The tensors of model.safetensors, the "packed" table and the int8-rows list of the deploy section."""
     layers = packed_layers(model)
     if fmt == "fp" and layers:
         raise TerditError("format 'fp' is for full-precision models; this model has ternary layers")
@@ -69,7 +72,15 @@ def deploy_tensors(model: nn.Module, fmt: str, dtype: torch.dtype) -> tuple[dict
             continue
         value = value.detach().cpu()
         tensors[key] = value.to(dtype) if value.is_floating_point() else value
-    return tensors, table
+    return tensors, table, (int8_rows(tensors) if int8 else [])
+
+
+def int8_rows(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Replace the large float matrices of `tensors` by int8 rows + "<key>_scale" (in place); their keys."""
+    keys = [k for k, v in tensors.items() if int8_eligible(v)]
+    for key in keys:
+        tensors[key], tensors[key + SCALE_SUFFIX] = quantize_rows(tensors[key])
+    return keys
 
 
 def export_model(
@@ -79,19 +90,22 @@ def export_model(
     dtype: str | torch.dtype = "fp32",
     source: dict[str, Any] | None = None,
     label_permutation: str | None = None,
+    int8: bool = False,
 ) -> Path:
     """Write `model` (with a `.config` TerDiTConfig) as a deploy directory at `out`, atomically.
 
     `dtype` is the storage dtype of the full-precision tensors; alphas stay float32 and codes are exact.
+    `int8`: store the large full-precision matrices as int8 rows (terdit.quant.int8; lossy, smaller).
     """
     dt = parse_dtype(dtype)
     if label_permutation is None:  # a re-exported release keeps its class order
         label_permutation = (getattr(model, "deploy_info", None) or {}).get("label_permutation")
-    tensors, table = deploy_tensors(model, fmt, dt)
+    tensors, table, int8_keys = deploy_tensors(model, fmt, dt, int8)
     info = DeployInfo(
         format=fmt,
         dtype=dtype_name(dt),
         packed=table,
+        int8_rows=int8_keys,
         label_permutation=label_permutation,
         source=dict(source or {}),
     )
@@ -112,7 +126,9 @@ def write_deploy(
     return atomic_dir(out, fill)
 
 
-def export_run(run: str | Path, out: str | Path, fmt: str, dtype: str = "fp32", ema: bool = True) -> Path:
+def export_run(
+    run: str | Path, out: str | Path, fmt: str, dtype: str = "fp32", ema: bool = True, int8: bool = False
+) -> Path:
     """Pack the latest checkpoint of a training run (EMA weights by default)."""
     from terdit.run import latest_checkpoint, load_run_model
 
@@ -121,4 +137,4 @@ def export_run(run: str | Path, out: str | Path, fmt: str, dtype: str = "fp32", 
     if not model.config.ternary:
         raise TerditError(f"{run}: the run is full precision (linear='fp'); only ternary runs can be packed")
     source = {"kind": "run", "run": str(Path(run).resolve()), "checkpoint": ckpt.name, "ema": ema}
-    return export_model(model, out, fmt, dtype, source=source)
+    return export_model(model, out, fmt, dtype, source=source, int8=int8)

@@ -3,10 +3,12 @@
 DIR/config.json        the model config (TerDiTConfig fields) plus a "deploy" section:
                        {"version", "format" (2bit | base3 | fp), "dtype" (of the float tensors),
                         "label_permutation" (null | "lexicographic"), "source",
-                        "packed": {layer: {"shape": [out, in], "pad": zero codes added}}}
+                        "packed": {layer: {"shape": [out, in], "pad": zero codes added}},
+                        "int8_rows": [names of float matrices stored as int8 rows]}
 DIR/model.safetensors  per packed layer: "<layer>.weight" uint8 in the on-disk layout of the format,
                        "<layer>.alphas" float32 [1] and "<layer>.bias" when present; every other
-                       tensor of the model in full precision, under its state-dict name.
+                       tensor of the model in full precision, under its state-dict name; those in
+                       "int8_rows" as int8 plus float32 "<name>_scale" [rows] (terdit.quant.int8).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class DeployInfo:
     label_permutation: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
+    int8_rows: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.format not in DEPLOY_FORMATS:

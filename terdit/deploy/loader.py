@@ -33,6 +33,7 @@ from terdit.deploy.tensorfile import TensorFile
 from terdit.errors import TerditError
 from terdit.models.configs import TerDiTConfig
 from terdit.models.terdit import TerDiT
+from terdit.quant.int8 import SCALE_SUFFIX, dequantize_rows
 from terdit.quant.packing import FORMATS, check_rows, disk_to_rows, packed_shape, padding
 
 
@@ -127,6 +128,16 @@ def _fill_packed(source: TensorSource, name: str, layer: PackedLinear, fmt: str)
         _read_to(source, f"{name}.bias", layer.bias.data)
 
 
+def _fill_int8_rows(source: TensorSource, key: str, target: torch.Tensor) -> None:
+    """A float matrix stored as int8 rows + per-row scales (see terdit.quant.int8)."""
+    _check(source, key, tuple(target.shape), float_ok=False)
+    if source.dtype(key) != torch.int8:
+        raise TerditError(f"{source.path}: tensor {key!r} is listed in int8_rows but has dtype {source.dtype(key)}")
+    _check(source, key + SCALE_SUFFIX, (target.shape[0],))
+    w = dequantize_rows(source.read(key), source.read(key + SCALE_SUFFIX), f"{source.path}: {key}")
+    target.data.copy_(w)
+
+
 @torch.no_grad()
 def fill_model(model: TerDiT, source: TensorSource, info: DeployInfo) -> None:
     """Read every tensor of `model` from `source`, checking names, shapes, dtypes and packed values."""
@@ -147,12 +158,19 @@ def fill_model(model: TerDiT, source: TensorSource, info: DeployInfo) -> None:
     prefixes = tuple(f"{n}." for n in packed)
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
+    int8_keys = set(info.int8_rows)
     for key, target in tensors.items():
         if key.startswith(prefixes):
+            continue
+        if key in int8_keys:
+            _fill_int8_rows(source, key, target)
+            used.update((key, key + SCALE_SUFFIX))
             continue
         _check(source, key, tuple(target.shape))
         _read_to(source, key, target.data)
         used.add(key)
+    if int8_keys - set(tensors):
+        raise TerditError(f"{source.path}: int8_rows lists unknown tensors {sorted(int8_keys - set(tensors))[:3]}")
     unexpected = sorted(set(source.keys()) - used)
     if unexpected:
         raise TerditError(f"{source.path}: unexpected tensors {unexpected[:3]} (a different model config?)")
