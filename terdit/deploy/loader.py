@@ -212,7 +212,7 @@ def load_deployed(
     model.deploy_info = info.to_dict()
     model.eval().requires_grad_(False)
     release_free_heap()
-    if _malloc_trim() is not None:
+    if _malloc_trim() is not None and info.format in FORMATS:  # full-precision models never unpack
         for block in model.layers:
             block.register_forward_hook(_trim_heap_after_block)
     if policy == "speed":

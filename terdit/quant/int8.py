@@ -17,10 +17,9 @@ SCALE_SUFFIX = "_scale"  # "<tensor>_scale": the per-row scales stored next to a
 MIN_NUMEL = 65536  # smaller matrices (patch embed, output linear) stay in the float storage dtype
 
 
-def int8_eligible(value: torch.Tensor, min_numel: int | None = None) -> bool:
-    """A 2-D float tensor large enough (default MIN_NUMEL elements) for int8 rows to pay off."""
-    limit = MIN_NUMEL if min_numel is None else min_numel
-    return value.is_floating_point() and value.dim() == 2 and value.numel() >= limit
+def int8_eligible(value: torch.Tensor) -> bool:
+    """A 2-D float tensor of at least MIN_NUMEL elements (read at call time), where int8 rows pay off."""
+    return value.is_floating_point() and value.dim() == 2 and value.numel() >= MIN_NUMEL
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
