@@ -162,11 +162,52 @@ def test_extractor_rejects_non_rgb(net):
         InceptionExtractor(net).check_images((4, 8, 8, 1), "x.npz")
 
 
+TF_GRAPH_ENV = "TERDIT_INCEPTION_TF_GRAPH"
+
+
+def _tf_graph_features(graph_path: str, image: np.ndarray) -> dict[str, np.ndarray]:
+    """pool_3, mixed_6/conv and the unbiased logits of one image from the 2015-12-05 TF graph, fed the way
+    ADM's evaluator feeds it: float32 0..255 NHWC remapped onto `ExpandDims:0`, so the graph's own resize and
+    scaling run. One image per call keeps the graph's fixed batch-1 shapes valid."""
+    tf = pytest.importorskip("tensorflow", reason="tensorflow is needed to run the reference TF graph")
+    graph_def = tf.compat.v1.GraphDef()
+    with open(graph_path, "rb") as f:
+        graph_def.ParseFromString(f.read())
+    graph = tf.Graph()
+    with graph.as_default():
+        batch = tf.compat.v1.placeholder(tf.float32, [1, None, None, 3])
+        pool3, mixed_6, matmul = tf.import_graph_def(
+            graph_def, input_map={"ExpandDims:0": batch},
+            return_elements=["pool_3:0", "mixed_6/conv:0", "softmax/logits/MatMul"], name="")
+        pool = tf.reshape(pool3, [1, 2048])
+        logits = tf.matmul(pool, matmul.inputs[1])  # ADM: the logits weight without the bias
+        spatial = tf.reshape(mixed_6[..., :7], [1, -1])
+    with tf.compat.v1.Session(graph=graph) as sess:
+        got = sess.run({"pool": pool, "spatial": spatial, "logits": logits},
+                       {batch: image[None].astype(np.float32)})
+    return {k: np.asarray(v) for k, v in got.items()}
+
+
+@pytest.mark.skipif(not (os.environ.get(WEIGHTS_ENV) and os.environ.get(TF_GRAPH_ENV)),
+                    reason=f"real Inception weights and the TF graph not both supplied (set {WEIGHTS_ENV} to the "
+                           f".pth file and {TF_GRAPH_ENV} to ADM's classify_image_graph_def.pb)")
+def test_real_weights_match_the_tf_graph():
+    """The Done-when check of issue 4: features of fixed images within 1e-3 of the TF graph's."""
+    from sklearn.datasets import load_sample_image
+
+    ex = InceptionExtractor.from_weights()
+    china = load_sample_image("china.jpg")
+    for image in (china[:256, :256], load_sample_image("flower.jpg")[:299, :299], china):
+        ours, ref = ex(image[None]), _tf_graph_features(os.environ[TF_GRAPH_ENV], image)
+        for name in ("pool", "spatial", "logits"):
+            scale = float(np.abs(ref[name]).max())
+            np.testing.assert_allclose(ours[name], ref[name], rtol=1e-3, atol=1e-3 * scale, err_msg=name)
+
+
 @pytest.mark.skipif(not os.environ.get(WEIGHTS_ENV),
                     reason=f"real Inception weights not supplied (set {WEIGHTS_ENV} to the .pth file)")
-def test_real_weights_give_finite_stable_features():
-    """No published per-image reference values are available offline, so this checks finiteness and that the
-    prediction of an image does not depend on the batch it is in."""
+def test_real_weights_features_do_not_depend_on_the_batch():
+    """An image's features are the same alone or batched (batched convolutions must not mix images)."""
     from sklearn.datasets import load_sample_image
 
     ex = InceptionExtractor.from_weights()

@@ -105,7 +105,8 @@ def measure_times(
     """Step times of several variants loaded side by side, interleaved round by round.
 
     Interleaving makes the comparison fair on a shared machine: a burst of background load hits every
-    variant of a round alike. Round 0 is a warm-up. Ratios are medians of per-round ratios to variant 0.
+    variant of a round alike. The order rotates from round to round so that no variant always runs right
+    after the same neighbour. Round 0 is a warm-up. Ratios are medians of per-round ratios to variant 0.
     """
     from terdit.deploy.format import parse_dtype
 
@@ -114,8 +115,9 @@ def measure_times(
     load_before = os.getloadavg()[0]
     times: list[list[float]] = [[] for _ in specs]
     for r in range(repeats + 1):
-        for i, step in enumerate(steps):
-            dt = _timed(step, dev)
+        for k in range(len(steps)):
+            i = (k + r) % len(steps)
+            dt = _timed(steps[i], dev)
             if r:
                 times[i].append(dt)
     ratios = [[t / t0 for t, t0 in zip(ts, times[0])] for ts in times]

@@ -122,7 +122,8 @@ class PackedLinear(nn.Module):
             cached = self._cached
             if cached is None or cached.dtype != dtype or cached.device != self.packed.device:
                 buf = torch.empty(self.unpacked_numel, dtype=dtype, device=self.packed.device)
-                self._cached = cached = self._unpack(buf, dtype)
+                # base3 rows end in up to 4 padding codes: a dense copy keeps the GEMM on the same path as fp32
+                self._cached = cached = self._unpack(buf, dtype).contiguous()
             return cached
         if need_fresh:
             buf = torch.empty(self.unpacked_numel, dtype=dtype, device=self.packed.device)
