@@ -295,6 +295,6 @@ class InceptionExtractor:
     @torch.no_grad()
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
-        x = x.permute(0, 3, 1, 2).float()  # ADM casts each uint8 batch to float32, values 0..255
+        x = x.permute(0, 3, 1, 2).float().contiguous()  # ADM: each uint8 batch as float32 0..255; dense NCHW
         pool, spatial, logits = self.net(x)
         return {"pool": pool.cpu().numpy(), "spatial": spatial.cpu().numpy(), "logits": logits.cpu().numpy()}
