@@ -24,7 +24,8 @@ def main() -> None:
     p.add_argument("--only", choices=["TerDiT-600M", "TerDiT-4.2B"], default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="fp32")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=9,
+                   help="timed rounds after a warm-up (default 9: single steps on a shared 2-core VM vary by 30%%)")
     p.add_argument(
         "--time-4.2b",
         dest="time_big",

@@ -44,7 +44,7 @@ def _fidelity_inception_class():
 
 
 def _test_images() -> list[np.ndarray]:
-    """Fixed RGB images: two photographs at different sizes (down- and up-sampled to 299) and random noise."""
+    """Fixed RGB images: photograph crops up-sampled to 299, already 299 and down-sampled, and random noise."""
     from sklearn.datasets import load_sample_image
 
     china, flower = load_sample_image("china.jpg"), load_sample_image("flower.jpg")
