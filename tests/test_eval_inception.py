@@ -165,10 +165,11 @@ def test_extractor_rejects_non_rgb(net):
 TF_GRAPH_ENV = "TERDIT_INCEPTION_TF_GRAPH"
 
 
-def _tf_graph_features(graph_path: str, image: np.ndarray) -> dict[str, np.ndarray]:
-    """pool_3, mixed_6/conv and the unbiased logits of one image from the 2015-12-05 TF graph, fed the way
+def _tf_graph_features(graph_path: str, images: list[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """pool_3, mixed_6/conv and the unbiased logits of each image from the 2015-12-05 TF graph, fed the way
     ADM's evaluator feeds it: float32 0..255 NHWC remapped onto `ExpandDims:0`, so the graph's own resize and
-    scaling run. One image per call keeps the graph's fixed batch-1 shapes valid."""
+    scaling run. The graph is imported once; images go one per run, which keeps its fixed batch-1 shapes
+    valid."""
     tf = pytest.importorskip("tensorflow", reason="tensorflow is needed to run the reference TF graph")
     graph_def = tf.compat.v1.GraphDef()
     with open(graph_path, "rb") as f:
@@ -183,9 +184,9 @@ def _tf_graph_features(graph_path: str, image: np.ndarray) -> dict[str, np.ndarr
         logits = tf.matmul(pool, matmul.inputs[1])  # ADM: the logits weight without the bias
         spatial = tf.reshape(mixed_6[..., :7], [1, -1])
     with tf.compat.v1.Session(graph=graph) as sess:
-        got = sess.run({"pool": pool, "spatial": spatial, "logits": logits},
-                       {batch: image[None].astype(np.float32)})
-    return {k: np.asarray(v) for k, v in got.items()}
+        runs = [sess.run({"pool": pool, "spatial": spatial, "logits": logits},
+                         {batch: image[None].astype(np.float32)}) for image in images]
+    return [{k: np.asarray(v) for k, v in got.items()} for got in runs]
 
 
 @pytest.mark.skipif(not (os.environ.get(WEIGHTS_ENV) and os.environ.get(TF_GRAPH_ENV)),
@@ -197,8 +198,9 @@ def test_real_weights_match_the_tf_graph():
 
     ex = InceptionExtractor.from_weights()
     china = load_sample_image("china.jpg")
-    for image in (china[:256, :256], load_sample_image("flower.jpg")[:299, :299], china):
-        ours, ref = ex(image[None]), _tf_graph_features(os.environ[TF_GRAPH_ENV], image)
+    images = [china[:256, :256], load_sample_image("flower.jpg")[:299, :299], china]
+    for image, ref in zip(images, _tf_graph_features(os.environ[TF_GRAPH_ENV], images)):
+        ours = ex(image[None])
         for name in ("pool", "spatial", "logits"):
             scale = float(np.abs(ref[name]).max())
             np.testing.assert_allclose(ours[name], ref[name], rtol=1e-3, atol=1e-3 * scale, err_msg=name)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from terdit.eval.inception import WEIGHTS_ENV, FIDInception, InceptionExtractor, load_inception, prepare
+from terdit.eval.inception import WEIGHTS_ENV, FIDInception, InceptionExtractor, load_inception
 
 FIDELITY = "torch_fidelity"
 INSTALL_HINT = "pip install --no-deps torch-fidelity==0.4.0"
@@ -106,24 +106,28 @@ def _assert_ports_agree(ours, theirs) -> None:
             np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5 * scale, err_msg=name)
 
 
-def test_matches_torch_fidelity_with_calibrated_random_weights(tmp_path):
+@pytest.fixture(scope="module")
+def random_ports(tmp_path_factory):
+    """Both ports loaded from one file of calibrated random weights, built once for this module."""
     _fidelity_inception_class()  # skip early, before building weights, when the second port is absent
-    path = tmp_path / "weights-inception-random.pth"
+    path = tmp_path_factory.mktemp("inception") / "weights-inception-random.pth"
     torch.save(_calibrated_random_weights(0), path)
-    _assert_ports_agree(*_both_ports(str(path)))
+    return _both_ports(str(path))
 
 
-def test_crosscheck_is_sensitive_to_a_wrong_resize(tmp_path):
+def test_matches_torch_fidelity_with_calibrated_random_weights(random_ports):
+    _assert_ports_agree(*random_ports)
+
+
+def test_crosscheck_is_sensitive_to_a_wrong_resize(random_ports):
     """The comparison above must be able to fail: half-pixel resizing (torch's default) is a known porting
     bug and has to show up as a mismatch."""
-    _fidelity_inception_class()
-    path = tmp_path / "weights-inception-random.pth"
-    torch.save(_calibrated_random_weights(0), path)
-    ours, theirs = _both_ports(str(path))
+    ours, theirs = random_ports
     image = _test_images()[0]
     x = torch.from_numpy(image.copy()).permute(2, 0, 1)[None].float()
     x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-    wrong = prepare(ours.net)(x)[0].numpy()  # 299x299 input: the net's own resize is the identity
+    with torch.no_grad():
+        wrong = ours.net(x)[0].numpy()  # 299x299 input: the net's own resize is the identity
     want = _theirs(theirs, image)["pool"]
     assert np.abs(wrong - want).max() > 1e-3 * np.abs(want).max()
 
