@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -24,13 +25,26 @@ class DistInfo:
         return self.world_size > 1
 
 
+def join_process_group(device_type: str, timeout: datetime.timedelta | None = None) -> None:
+    """``init_process_group`` with the backend for the device (NCCL on CUDA, gloo on CPU).
+
+    torch._dynamo is imported first on purpose: importing it after the group exists (diffusers and
+    torch.compile do) leaves it holding references to the group, so ``destroy_process_group`` no longer
+    frees it. The gloo worker threads then outlive the interpreter and, when one drops the tensors of the
+    last collective during shutdown, the process aborts ("terminate called without an active exception")."""
+    import torch._dynamo  # noqa: F401  (see above)
+
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timeout)
+
+
 def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun describes in the environment; single process otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        join_process_group(device_type)
     info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)

@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from terdit.data.base import flip_decision, item_hash
 from terdit.data.images import SHOW_SKIPPED, ImageIndex, _warn, load_image_array, scan_image_folder, to_tensor
 from terdit.data.vae import VAE, load_vae
+from terdit.distributed import join_process_group
 from terdit.errors import TerditError
 from terdit.io import atomic_write_text, save_tensors
 
@@ -124,8 +125,7 @@ class _Dist:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if world > 1 and not dist.is_initialized():
-            backend = "nccl" if self.device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(hours=12))
+            join_process_group(self.device.type, timeout=datetime.timedelta(hours=12))
             self.owned = True
         self.active = dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.active else 0
