@@ -31,7 +31,8 @@ def join_process_group(device_type: str, timeout: datetime.timedelta | None = No
     torch._dynamo is imported first on purpose: importing it after the group exists (diffusers and
     torch.compile do) leaves it holding references to the group, so ``destroy_process_group`` no longer
     frees it. The gloo worker threads then outlive the interpreter and, when one drops the tensors of the
-    last collective during shutdown, the process aborts ("terminate called without an active exception")."""
+    last collective during shutdown, the process aborts ("terminate called without an active exception").
+    The price is dynamo's import (~140 MB resident) in multi-process runs that would not otherwise load it."""
     import torch._dynamo  # noqa: F401  (see above)
 
     backend = "nccl" if device_type == "cuda" else "gloo"
