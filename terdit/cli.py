@@ -5,6 +5,7 @@ here through a `register(subparsers)` function; this file only wires them and ma
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -60,16 +61,31 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and closed: not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
-        print(f"terdit {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or a signal after training saved a checkpoint (Interrupted)
+        print(f"terdit {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return int(getattr(e, "code", 130))
+    except OSError as e:
+        if e.errno not in USER_ERRNOS:
+            return _unexpected(args, e, debug)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"terdit {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - the one place that turns crashes into exit status 1
-        if debug:
-            traceback.print_exc()
-        else:
-            print(f"terdit {args.command}: unexpected error: {type(e).__name__}: {e} (rerun with --debug)",
-                  file=sys.stderr)
-        return 1
+        return _unexpected(args, e, debug)
+
+
+# OS errors that are the user's to fix (disk full, no permission, read-only file system): exit 2, one line
+USER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR,
+               errno.EISDIR, errno.ENAMETOOLONG)
+
+
+def _unexpected(args: argparse.Namespace, e: BaseException, debug: bool) -> int:
+    if debug:
+        traceback.print_exception(e)
+    else:
+        print(f"terdit {args.command}: unexpected error: {type(e).__name__}: {e} (rerun with --debug)",
+              file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from terdit.cliargs import add_device_args, nonneg_float, positive_int
+from terdit.cliargs import add_device_args, add_overwrite_arg, finite_float, nonneg_float, nonneg_int, positive_int
 from terdit.errors import TerditError
 
 
@@ -41,24 +41,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=positive_int, default=2000)
     p.add_argument("--batch-size", type=positive_int, default=128, help="global batch size")
     p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=finite_float, default=5e-4)
     p.add_argument("--lr-drop-step", type=positive_int, default=None, help="step at which lr drops")
-    p.add_argument("--lr-after-drop", type=float, default=1e-4)
-    p.add_argument("--ema-decay", type=float, default=None,
+    p.add_argument("--lr-after-drop", type=finite_float, default=1e-4)
+    p.add_argument("--ema-decay", type=finite_float, default=None,
                    help="default 0.9999, capped so the EMA horizon is <= 10%% of --steps")
     p.add_argument("--grad-clip", type=nonneg_float, default=2.0, help="0 disables clipping")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ckpt-every", type=positive_int, default=None, help="also checkpoint every N steps")
+    p.add_argument("--ckpt-every", type=positive_int, default=1000, help="checkpoint every N steps")
+    p.add_argument("--ckpt-minutes", type=nonneg_float, default=10.0,
+                   help="also checkpoint when this many minutes passed since the last checkpoint (0: never)")
     p.add_argument("--keep-checkpoints", type=positive_int, default=2)
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--sample-every", type=positive_int, default=None, help="write a sample grid every N steps")
     p.add_argument("--sample-cfg", type=nonneg_float, default=4.0, help="guidance of the sample grids")
+    p.add_argument("--sample-steps", type=positive_int, default=250, help="sampling steps of the sample grids")
     p.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp", help="under torchrun")
-    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--num-workers", type=nonneg_int, default=0)
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--override", action="store_true",
+                   help="with --resume: accept model, data, batch or lr settings that differ from the run's")
     p.add_argument("--init-from", default=None, help="start from another run's EMA weights")
     add_device_args(p)
     p.set_defaults(func=cmd_train)
@@ -67,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", required=True, help="run folder (or deploy folder)")
     p.add_argument("--classes", type=int, nargs="+", default=None, help="class ids (default: 0..min(K,10)-1)")
     p.add_argument("--num-per-class", type=positive_int, default=1)
-    p.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--cfg", type=nonneg_float, default=4.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--cfg-channels", type=positive_int, default=None,
                    help="guide only the first N channels (3 = the public code's quirk; default all)")
     p.add_argument("--steps", type=int, default=250, help="sampling steps")
@@ -76,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
     p.add_argument("--out", default=None, help=".png grid or .npz (default: RUN/sample.png)")
+    add_overwrite_arg(p, "sample file")
     p.add_argument("--vae", default=None, help="VAE to decode latents (default: the one the run trained with)")
     p.add_argument("--policy", choices=["memory", "speed"], default="memory",
                    help="packed models: unpack per call (memory) or cache unpacked weights (speed)")
@@ -123,16 +129,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     import torch
 
+    from terdit.io import check_output
     from terdit.sample import check_sampling_args, generate, save_samples
     from terdit.serving import load_for_sampling
 
     out = Path(args.out) if args.out else Path(args.run) / "sample.png"
     if out.suffix.lower() not in (".png", ".npz"):
         raise TerditError(f"--out {out}: must end in .png (grid) or .npz (ADM arrays)")
+    # before sampling: a refused or unwritable --out must not cost the whole run first
+    check_output(out, own=lambda p: p.is_file() and p.suffix.lower() == out.suffix.lower(),
+                 kind=f"{out.suffix.lower()} file", overwrite=args.overwrite)
     model, decode, map_labels = load_for_sampling(args.run, ema=args.ema, device=args.device, dtype=args.dtype,
                                                   vae=args.vae, policy=args.policy)
     classes = args.classes if args.classes is not None else list(range(min(model.config.num_classes, 10)))
-    check_sampling_args(model.config.num_classes, classes, args.cfg, args.steps)
+    check_sampling_args(model.config.num_classes, classes, args.cfg, args.steps, args.cfg_channels,
+                        model.config.in_channels)
     labels = [c for c in classes for _ in range(args.num_per_class)]
     dtype = next(model.parameters()).dtype
     images = generate(model, map_labels(labels), decode=decode, cfg_scale=args.cfg, steps=args.steps,

@@ -3,3 +3,12 @@
 
 class TerditError(Exception):
     """Bad input or usage, with a message that names the file or argument at fault."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Stopped by a signal after saving what there was to save; the CLI exits with 128 + the signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.code = 128 + signum

@@ -6,7 +6,9 @@ steps, clamp(127.5 x + 128) to uint8, one ADM npz with `arr_0` (N, H, W, C) and 
 Unlike DiT, where each rank seeds itself from (seed, rank) and the result depends on the process count,
 batch b always holds samples [b * B, (b + 1) * B) and its labels and noise are a pure function of
 (seed, b). Each finished batch is written atomically to OUT.parts/, so an interrupted run restarted with
-the same settings, on any number of processes, yields the same file as one uninterrupted run.
+the same settings, on any number of processes, yields the same file as one uninterrupted run. The parts
+folder records the settings and a hash of the weights, so parts drawn from other weights are never mixed
+in; OUT is locked (`.OUT.lock`) while being written, so a second process is refused at once.
 
 Several processes: `torchrun --nproc_per_node 8 --no-python -- terdit sample-npz --run RUN ...`; the `--`
 keeps torchrun from reading `--run` as an abbreviation of its own `--run-path`.
@@ -15,7 +17,10 @@ keeps torchrun from reading `--run` as an abbreviation of its own `--run-path`.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
+import math
 import shutil
 import zipfile
 from collections.abc import Sequence
@@ -25,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from terdit.cliargs import add_device_args, nonneg_float, positive_int
+from terdit.cliargs import add_device_args, add_overwrite_arg, nonneg_float, positive_int
 from terdit.errors import TerditError
-from terdit.io import atomic_write, atomic_write_text
+from terdit.io import atomic_write, atomic_write_text, check_output, clean_leftovers, fault_point, locked
 
 SETTINGS_FILE = "settings.json"
 PART_GLOB = "batch-*.npz"
@@ -54,6 +59,7 @@ class MassSampleArgs:
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
+    overwrite: bool = False
 
 
 def derived_seed(*keys: int) -> int:
@@ -91,21 +97,37 @@ def parts_dir(out: str | Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _model_identity(run: str | Path) -> str:
-    """What weights a run folder samples from (its latest checkpoint), so a parts folder started before
-    training went on is not silently mixed with samples of newer weights."""
+def lock_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.with_name(f".{out.name}.lock")
+
+
+def _model_identity(run: str | Path, ema: bool) -> str:
+    """A hash of the weights (and config) sampled from, so parts drawn from other weights, even at the same
+    path (a run trained again, a checkpoint replaced), are never mixed with new ones. A hub id is its name."""
     from terdit import run as runlib
 
-    try:
-        return str(runlib.latest_checkpoint(run).resolve())
-    except (TerditError, OSError):
-        return str(Path(run).resolve())
+    root = Path(run)
+    if not root.is_dir():
+        return str(run)
+    if runlib.checkpoint_dirs(root):
+        ckpt = runlib.latest_checkpoint(root)
+        files = [root / runlib.CONFIG_FILE, ckpt / ("ema.safetensors" if ema else "model.safetensors")]
+    else:  # deploy, release or pipeline folder: everything it holds
+        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(root)}\0".encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()[:32]
 
 
 def settings_of(args: MassSampleArgs, classes: Sequence[int], dtype: torch.dtype) -> dict:
     """What determines the samples; the process count and device are deliberately not part of it."""
     return {
-        "weights": _model_identity(args.run), "ema": args.ema, "num_samples": args.num_samples,
+        "weights": _model_identity(args.run, args.ema), "ema": args.ema, "num_samples": args.num_samples,
         "batch_size": args.batch_size, "seed": args.seed, "cfg": args.cfg, "cfg_channels": args.cfg_channels,
         "steps": args.steps, "sampler": args.sampler, "eta": args.eta if args.sampler == "ddim" else 0.0,
         "classes": [int(c) for c in classes], "dtype": str(dtype).removeprefix("torch."),
@@ -119,14 +141,16 @@ def _check_args(args: MassSampleArgs) -> None:
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.sampler in ("ddpm", "ddim"), f"--sampler must be ddpm or ddim, got {args.sampler}"),
         (args.cfg_channels is None or args.cfg_channels >= 1, f"--cfg-channels must be >= 1, got {args.cfg_channels}"),
+        (math.isfinite(args.cfg) and args.cfg >= 0, f"--cfg must be a finite number >= 0, got {args.cfg}"),
         (out.suffix.lower() == ".npz", f"--out {out}: must end in .npz"),
         (not args.classes or len(set(args.classes)) == len(args.classes), "--classes has repeated ids"),
     ]
     for ok, msg in checks:
         if not ok:
             raise TerditError(msg)
-    if out.exists() and not parts_dir(out).is_dir():
-        raise TerditError(f"--out {out} already exists; delete it or choose another path")
+    if not parts_dir(out).is_dir():
+        check_output(out, inputs=[args.run], own=lambda p: p.is_file() and p.suffix.lower() == ".npz",
+                     kind="npz file", overwrite=args.overwrite)
 
 
 def _prepare_parts(parts: Path, settings: dict, is_main: bool, info) -> None:
@@ -156,6 +180,7 @@ def _write_part(path: Path, images: np.ndarray, labels: np.ndarray) -> None:
             np.savez(f, images=images, labels=labels)
 
     atomic_write(path, write)
+    fault_point(f"part:{path.name}")
 
 
 def _read_part(path: Path, count: int, labels: np.ndarray) -> np.ndarray:
@@ -222,12 +247,18 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
     dev = resolve_device(args.device)
     owns_group = not torch.distributed.is_initialized()  # a caller's process group is left alone
     info = init_distributed(dev.type)
+    hold = contextlib.ExitStack()
     try:
+        if info.is_main:
+            hold.enter_context(locked(lock_path(args.out), f"--out {args.out}"))
+            out = Path(args.out)
+            clean_leftovers(out.parent, (out.name,))
+            clean_leftovers(parts_dir(out), ("batch-*.npz", SETTINGS_FILE))
         device = f"cuda:{info.local_rank}" if dev.type == "cuda" and dev.index is None and info.enabled else str(dev)
         model, decode, map_labels = load_for_sampling(args.run, ema=args.ema, device=device, dtype=args.dtype)
         k = model.config.num_classes
         classes = list(args.classes) if args.classes else list(range(k))
-        check_sampling_args(k, classes, args.cfg, args.steps)
+        check_sampling_args(k, classes, args.cfg, args.steps, args.cfg_channels, model.config.in_channels)
         dtype = next(model.parameters()).dtype
         settings = settings_of(args, classes, dtype)
         out, parts = Path(args.out), parts_dir(args.out)
@@ -256,6 +287,7 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
         shutil.rmtree(parts)
         return path
     finally:
+        hold.close()
         if owns_group:
             shutdown(info)
 
@@ -283,6 +315,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="samples.npz",
                    help="ADM npz to write (default samples.npz); finished batches wait in OUT.parts/ until "
                         "all are drawn")
+    add_overwrite_arg(p, "npz file")
     add_device_args(p)
     p.set_defaults(func=cmd_sample_npz)
 

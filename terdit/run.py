@@ -7,18 +7,18 @@
     RUN/checkpoints/0001000/ema.safetensors     EMA of the weights
     RUN/checkpoints/0001000/train_state.pt      optimizer, step, RNG (weights_only-loadable)
     RUN/samples.png                       grid drawn at the end of training
+    RUN/.lock                             held (flock) by the process training into RUN
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from terdit.errors import TerditError
-from terdit.io import load_tensors
+from terdit.io import load_tensors, read_json
 from terdit.models.configs import TerDiTConfig
 from terdit.models.terdit import TerDiT
 
@@ -26,6 +26,7 @@ CONFIG_FILE = "config.json"
 TRAIN_ARGS_FILE = "train_args.json"
 LOG_FILE = "log.jsonl"
 CKPT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
 
 
 def checkpoint_dirs(run: str | Path) -> list[Path]:
@@ -57,13 +58,27 @@ def load_config(run: str | Path) -> TerDiTConfig:
     return TerDiTConfig.load(Path(run) / CONFIG_FILE)
 
 
-def load_train_args(run: str | Path) -> dict[str, Any]:
+def load_train_args(run: str | Path, required: bool = False) -> dict[str, Any]:
+    """The run's resolved training arguments; {} when absent (runs made by `quantize`), unless `required`."""
     path = Path(run) / TRAIN_ARGS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        if required:
+            raise TerditError(f"{path}: missing; cannot tell how this run was trained")
+        return {}
+    args = read_json(path)
+    if not isinstance(args, dict):
+        raise TerditError(f"{path}: not a JSON object of training arguments")
+    return args
 
 
 def load_weights_into(model: torch.nn.Module, path: Path) -> None:
     state = load_tensors(path)
+    own = model.state_dict()
+    wrong = [k for k in state if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise TerditError(f"{path}: does not match the model config ({k} is {tuple(state[k].shape)}, "
+                          f"the config needs {tuple(own[k].shape)})")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise TerditError(f"{path}: does not match the model (missing {missing[:3]}, unexpected {unexpected[:3]})")

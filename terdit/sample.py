@@ -16,12 +16,15 @@ from terdit.errors import TerditError
 from terdit.io import atomic_write
 
 
-def check_sampling_args(num_classes: int, labels: Sequence[int], cfg_scale: float, steps: int) -> None:
+def check_sampling_args(num_classes: int, labels: Sequence[int], cfg_scale: float, steps: int,
+                        guide_channels: int | None = None, in_channels: int | None = None) -> None:
     bad = [c for c in labels if not 0 <= c < num_classes]
     if bad:
         raise TerditError(f"--classes {bad[0]} is outside [0, {num_classes})")
-    if cfg_scale < 0:
-        raise TerditError(f"--cfg must be >= 0, got {cfg_scale}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise TerditError(f"--cfg must be a finite number >= 0, got {cfg_scale}")
+    if guide_channels is not None and in_channels is not None and not 1 <= guide_channels <= in_channels:
+        raise TerditError(f"--cfg-channels {guide_channels}: the model has {in_channels} channel(s)")
     if not 1 <= steps <= 1000:
         raise TerditError(f"--steps must be in [1, 1000], got {steps}")
 
@@ -47,7 +50,7 @@ def sample_latents(
     """
     cfg = model.config
     labels_t = torch.as_tensor(labels, dtype=torch.long)
-    check_sampling_args(cfg.num_classes, labels_t.tolist(), cfg_scale, steps)
+    check_sampling_args(cfg.num_classes, labels_t.tolist(), cfg_scale, steps, guide_channels, cfg.in_channels)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     shape = (len(labels_t), cfg.in_channels, cfg.input_size, cfg.input_size)

@@ -3,6 +3,11 @@
 Every random draw of step s on rank r comes from a generator seeded with (seed, s, r), and the data
 order is a pure function of (seed, step), so a run stopped at a checkpoint and resumed reproduces the
 uninterrupted run's losses exactly.
+
+Nothing is lost: the run folder is locked while training (a second writer is refused at once), a
+checkpoint is written every `ckpt_every` steps and every `ckpt_minutes` minutes, and SIGINT / SIGTERM
+finish the current step, write a checkpoint and stop (exit 130 / 143 from the CLI); `--resume` continues
+exactly and refuses changed model, data, batch or lr settings unless `--override` is given.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import copy
 import dataclasses
 import json
 import math
-import shutil
+import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,8 +42,18 @@ from terdit import run as runlib
 from terdit.data import TrainingData, open_training_data
 from terdit.diffusion import GaussianDiffusion
 from terdit.distributed import DistInfo, barrier, init_distributed, mean_across, shutdown
-from terdit.errors import TerditError
-from terdit.io import atomic_dir, atomic_write_text, save_tensors
+from terdit.errors import Interrupted, TerditError
+from terdit.io import (
+    atomic_dir,
+    atomic_write_text,
+    check_writable,
+    clean_leftovers,
+    fault_point,
+    load_torch_state,
+    locked,
+    remove_tree,
+    save_tensors,
+)
 from terdit.models.configs import TerDiTConfig, get_config
 from terdit.models.terdit import TerDiT
 from terdit.sample import make_grid, sample_latents, save_grid, to_uint8
@@ -70,7 +87,8 @@ class TrainArgs:
     ema_decay: float | None = None
     grad_clip: float = 2.0
     seed: int = 0
-    ckpt_every: int | None = None
+    ckpt_every: int | None = 1000
+    ckpt_minutes: float = 10.0  # also checkpoint when this long has passed since the last one (0: never)
     keep_checkpoints: int = 2
     log_every: int = 10
     sample_every: int | None = None
@@ -85,6 +103,7 @@ class TrainArgs:
     resume: bool = False
     init_from: str | None = None
     progress: bool = True
+    override: bool = False  # on resume, accept changed model / data / batch / lr settings
 
     def resolved_ema_decay(self) -> float:
         """0.9999 (DiT, Large-DiT), capped so the EMA horizon 1/(1-decay) is at most 10% of the run."""
@@ -102,6 +121,14 @@ class TrainArgs:
             (self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel}"),
             (self.precision in (None, "fp32", "bf16", "fp16"), f"--precision: unknown {self.precision}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
+            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.ckpt_every is None or self.ckpt_every >= 1, f"--ckpt-every must be >= 1, got {self.ckpt_every}"),
+            (math.isfinite(self.ckpt_minutes) and self.ckpt_minutes >= 0,
+             f"--ckpt-minutes must be >= 0, got {self.ckpt_minutes}"),
+            (all(math.isfinite(v) for v in (self.lr, self.lr_after_drop, self.grad_clip, self.sample_cfg,
+                                            self.weight_decay)), "--lr, --lr-after-drop, --grad-clip, "
+             "--weight-decay and --sample-cfg must be finite numbers"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -175,6 +202,39 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
+# What a resumed run may change: its length, how often it reports or saves, and where it runs. Anything
+# else (model, data, batch, lr schedule, seed) changes the run itself and needs --override.
+RESUME_MAY_CHANGE = ("out", "steps", "ckpt_every", "ckpt_minutes", "keep_checkpoints", "log_every", "sample_every",
+                     "sample_cfg", "sample_steps", "parallel", "device", "precision", "num_workers",
+                     "grad_checkpointing", "tensorboard", "resume", "init_from", "progress", "override",
+                     "strict_data")
+
+
+RUN_ENTRIES = (runlib.CONFIG_FILE, runlib.TRAIN_ARGS_FILE, runlib.LOG_FILE, runlib.CKPT_DIR, "tensorboard",
+               "samples", "samples.png")
+
+
+def _default_of(key: str) -> Any:
+    f = TrainArgs.__dataclass_fields__[key]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _activation_floor(cfg: TerDiTConfig, micro: int) -> int:
+    """A lower bound on the bytes one micro-batch's activations take: the residual stream of every block,
+    kept for backward (the real figure is several times larger)."""
+    tokens = (cfg.input_size // cfg.patch_size) ** 2
+    return micro * tokens * cfg.dim * cfg.depth * 4
+
+
+def _device_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return None
+
+
 class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         args.validate()
@@ -189,26 +249,85 @@ class Trainer:
         self.out = Path(args.out)
         self.start_step = 0
         self._decode = None
-        self._prepare_run_folder()
+        self._stop_signal = 0
+        if self.out.exists() and not self.out.is_dir():
+            raise TerditError(f"--out {self.out}: exists and is not a directory")
+        check_writable(self.out, arg=f"--out {self.out}")
+        # held from here to the end of run(): checks, cleanup and training see one writer only
+        self._hold = contextlib.ExitStack()
+        existed = self.out.exists()
+        try:
+            if self.dist.is_main:
+                self._hold.enter_context(locked(self.out / runlib.LOCK_FILE, f"run folder {self.out}"))
+                self._clean_leftovers()
+            self._prepare_run_folder()
+        except BaseException:
+            self.close()
+            if not existed and self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()  # a refused run leaves nothing behind
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (run() does it when it ends)."""
+        self._hold.close()
+
+    def __del__(self) -> None:
+        hold = getattr(self, "_hold", None)
+        if hold is not None:
+            hold.close()
 
     # -- run folder ------------------------------------------------------------------------------------
     def _prepare_run_folder(self) -> None:
+        """Check the run folder against the arguments; writes nothing (run() does, under the lock)."""
         a = self.args
         if a.resume:
             runlib.require_run(self.out)
-            stored = runlib.load_train_args(self.out)
-            # what may change on resume: the length of the run and how often it reports
-            for key in ("steps", "ckpt_every", "log_every", "sample_every", "progress", "num_workers", "device"):
-                stored[key] = getattr(a, key)
-            stored.update(resume=True, out=str(self.out))
-            self.args = a = TrainArgs(**{k: v for k, v in stored.items() if k in TrainArgs.__dataclass_fields__})
+            self.args = a = self._resumed_args(runlib.load_train_args(self.out, required=True))
             self.config = runlib.load_config(self.out)
+            last = int(runlib.latest_checkpoint(self.out).name)
+            if a.steps < last:
+                raise TerditError(f"--steps {a.steps} is below the run's step {last} "
+                                  f"({runlib.latest_checkpoint(self.out)}); pass --steps {last} or more")
         else:
             if runlib.checkpoint_dirs(self.out):
                 raise TerditError(f"--out {self.out} already holds a run; pass --resume or choose another --out")
+            # a run killed before its first checkpoint has nothing to resume and starts again; anything else
+            # in the folder is not ours to overwrite
+            foreign = [p.name for p in self.out.iterdir() if p.name not in RUN_ENTRIES and not p.name.startswith(".")
+                       ] if self.out.is_dir() else []
+            if foreign:
+                raise TerditError(f"--out {self.out}: exists and is not a terdit run (holds {foreign[0]}); "
+                                  "choose another --out")
             if a.ema_decay is None:
                 a.ema_decay = a.resolved_ema_decay()
             self.config = None  # built once the data's shape is known
+
+    def _resumed_args(self, stored: dict[str, Any]) -> TrainArgs:
+        """The stored arguments, with what a resume may change taken from now; a changed model, data, batch
+        or lr setting (given and different from train_args.json) is refused unless --override."""
+        a = self.args
+        fields = TrainArgs.__dataclass_fields__
+        changed = []
+        for key in fields:
+            if key in RESUME_MAY_CHANGE or key not in stored:
+                continue
+            new = getattr(a, key)
+            if new != _default_of(key) and new != stored[key]:
+                changed.append(f"--{key.replace('_', '-')} {stored[key]!r} -> {new!r}")
+                if a.override:
+                    stored[key] = new
+        if changed and not a.override:
+            raise TerditError(f"--resume {self.out}: settings differ from {runlib.TRAIN_ARGS_FILE} "
+                              f"({', '.join(changed[:3])}); pass --override to change them")
+        for key in RESUME_MAY_CHANGE:
+            stored[key] = getattr(a, key)
+        stored.update(resume=True, out=str(self.out))
+        try:
+            resumed = TrainArgs(**{k: v for k, v in stored.items() if k in fields})
+            resumed.validate()
+        except (TypeError, TerditError) as e:
+            raise TerditError(f"{self.out / runlib.TRAIN_ARGS_FILE}: bad training arguments ({e})") from e
+        return resumed
 
     def _build_config(self, data: TrainingData) -> TerDiTConfig:
         a = self.args
@@ -224,14 +343,61 @@ class Trainer:
 
     # -- training ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        a, d = self.args, self.dist
-        data = open_training_data(a.data, resolution=a.resolution, vae=a.vae, seed=a.seed, flip=a.flip,
+        """Train to `steps` under the run folder's lock; raises Interrupted after a SIGINT / SIGTERM once the
+        step in progress is finished and checkpointed."""
+        with self._hold, self._stop_on_signals():
+            return self._run()
+
+    def _clean_leftovers(self) -> None:
+        """Temporaries of a killed run (and a checkpoint a crash left moved aside) in the run folder."""
+        clean_leftovers(self.out, RUN_ENTRIES)
+        clean_leftovers(self.out / runlib.CKPT_DIR, ("[0-9]*",))
+        clean_leftovers(self.out / "samples", ("*.png",))
+
+    def _open_data(self) -> TrainingData:
+        a = self.args
+        if not a.data:
+            return open_training_data(None)
+        return open_training_data(a.data, resolution=a.resolution, vae=a.vae, seed=a.seed, flip=a.flip,
                                   vae_sample=a.vae_sample, class_map=a.class_map, num_workers=a.num_workers,
-                                  strict=a.strict_data) if a.data else open_training_data(None)
+                                  strict=a.strict_data)
+
+    def _check_batch(self, cfg: TerDiTConfig) -> int:
+        """The per-process micro-batch, refused when it cannot divide or cannot fit (before any write)."""
+        a, d = self.args, self.dist
+        world_micro = d.world_size * a.grad_accum
+        if a.batch_size % world_micro:
+            raise TerditError(f"--batch-size {a.batch_size} is not divisible by processes x grad-accum = {world_micro}")
+        micro = a.batch_size // world_micro
+        need, have = _activation_floor(cfg, micro), _device_memory(self.device)
+        if have is not None and need > have:
+            raise TerditError(f"--batch-size {a.batch_size}: a micro-batch of {micro} needs more than "
+                              f"{need / 2**30:.0f} GiB of activations, the {self.device.type} has "
+                              f"{have / 2**30:.0f} GiB; use a smaller batch or --grad-accum")
+        return micro
+
+    def _load_checkpoint(self, ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:
+        state = load_torch_state(ckpt / "train_state.pt")
+        try:
+            set_optimizer_state_dict(model, opt, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+            return int(state["step"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise TerditError(f"{ckpt / 'train_state.pt'}: does not fit this run ({type(e).__name__}: {e})") from e
+
+    def _loss(self, model: nn.Module, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor,
+              noise: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training terms of one micro-batch ("loss", "mse", optionally "vb"); subclasses may replace it."""
+        return diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y), x, t, noise)
+
+    def _run(self) -> dict[str, Any]:
+        a, d = self.args, self.dist
+        data = self._open_data()
         if self.config is None:
             self.config = self._build_config(data)
         self._decode = data.decode
         cfg = self.config
+        micro = self._check_batch(cfg)
         if d.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             cfg.save(self.out / runlib.CONFIG_FILE)
@@ -253,17 +419,12 @@ class Trainer:
         ema.to(self.device).eval()
         model, ema = self._wrap(model, ema)
         opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+        self._saved_step = None
         if ckpt is not None:
-            state = torch.load(ckpt / "train_state.pt", map_location="cpu", weights_only=True)
-            set_optimizer_state_dict(model, opt, state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-            self.start_step = int(state["step"])
-            self._truncate_log(self.start_step)
+            self.start_step = self._load_checkpoint(ckpt, model, opt)
+            self._saved_step = self.start_step
+        self._truncate_log(self.start_step)  # a fresh start drops the log of an attempt killed before any checkpoint
 
-        world_micro = d.world_size * a.grad_accum
-        if a.batch_size % world_micro:
-            raise TerditError(f"--batch-size {a.batch_size} is not divisible by processes x grad-accum = {world_micro}")
-        micro = a.batch_size // world_micro
         sampler = StepBatchSampler(len(data.dataset), micro, a.seed, d.rank, d.world_size,
                                    start=self.start_step * a.grad_accum)
         loader = iter(DataLoader(data.dataset, batch_sampler=sampler, num_workers=a.num_workers,
@@ -275,6 +436,8 @@ class Trainer:
         bar = tqdm(total=a.steps, initial=self.start_step, desc="train", disable=not (a.progress and d.is_main),
                    dynamic_ncols=True)
         t_last, steps_since, last = time.perf_counter(), 0, {}
+        self._ckpt_time = time.monotonic()
+        stopped = 0
         for step in range(self.start_step, a.steps):
             lr = a.lr_after_drop if a.lr_drop_step is not None and step >= a.lr_drop_step else a.lr
             for group in opt.param_groups:
@@ -294,7 +457,7 @@ class Trainer:
                     sync = model.no_sync()
                 with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                           enabled=self.autocast_dtype is not None):
-                    terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y), x, t, noise)
+                    terms = self._loss(model, diffusion, x, t, noise, y)
                     loss = terms["loss"].mean()
                     (loss / a.grad_accum).backward()
                 terms_sum += torch.stack([loss.detach(), terms["mse"].mean().detach(),
@@ -318,20 +481,69 @@ class Trainer:
                     self._log(last, writer)
                     bar.set_postfix(loss=f"{vals[0]:.4f}", it_s=f"{sps:.1f}")
             bar.update(1)
-            if a.ckpt_every and done % a.ckpt_every == 0 and done != a.steps:
+            fault_point(f"train-step:{done}")
+            stopped, timed = self._agreed_flags(done)
+            if done != a.steps and (stopped or timed or (a.ckpt_every and done % a.ckpt_every == 0)):
                 self._save(done, model, ema, opt)
+            if stopped:
+                break
             if a.sample_every and done % a.sample_every == 0 and d.is_main:
                 self._sample_grid(ema, self.out / "samples" / f"{done:07d}.png", writer, done)
         bar.close()
-        self._save(a.steps, model, ema, opt)
         self.model, self.ema = model, ema  # for callers that inspect the result (tests, notebooks)
-        if d.is_main and self.start_step < a.steps:
+        if stopped:
+            if writer is not None:
+                writer.close()
+            barrier(d)
+            shutdown(d)
+            raise Interrupted(stopped, f"stopped by {signal.Signals(stopped).name} after step {done}; "
+                                       f"checkpoint {self.out / runlib.CKPT_DIR / runlib.checkpoint_name(done)}, "
+                                       f"continue with --resume")
+        self._save(a.steps, model, ema, opt)
+        # the final grid is redone on resume when a crash came between the last checkpoint and the grid
+        if d.is_main and (self.start_step < a.steps or not (self.out / "samples.png").is_file()):
             self._sample_grid(ema, self.out / "samples.png", writer, a.steps)
         if writer is not None:
             writer.close()
         barrier(d)
         shutdown(d)
         return last
+
+    def _agreed_flags(self, done: int) -> tuple[int, bool]:
+        """(signal that asked us to stop or 0, whether `ckpt_minutes` have passed), the same on every rank."""
+        a = self.args
+        stop = self._stop_signal
+        timed = a.ckpt_minutes > 0 and time.monotonic() - self._ckpt_time >= 60 * a.ckpt_minutes
+        if self.dist.enabled:
+            flags = torch.tensor([stop, int(timed)], device=self.device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            stop, timed = int(flags[0]), bool(flags[1])
+        return stop, timed
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGINT / SIGTERM set a flag the loop reads after each step; a second one acts as usual."""
+        self._stop_signal = 0
+        previous = {}
+
+        def handler(signum, frame):
+            self._stop_signal = signum
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            if self.dist.is_main:
+                print(f"\n{signal.Signals(signum).name}: finishing this step and writing a checkpoint "
+                      "(send it again to stop at once)", file=sys.stderr, flush=True)
+
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            previous.clear()
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
 
     # -- pieces -----------------------------------------------------------------------------------------------
     def _wrap(self, model: nn.Module, ema: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -378,21 +590,36 @@ class Trainer:
                 writer.add_scalar(f"train/{key}", entry[key], entry["step"])
 
     def _truncate_log(self, step: int) -> None:
-        """Drop log lines written after the checkpoint we resume from (they will be written again)."""
+        """Drop log lines written after the checkpoint we resume from (they will be written again), and a
+        last line a kill cut short."""
         path = self.out / runlib.LOG_FILE
         if not self.dist.is_main or not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        keep = []
+        for n, ln in enumerate(lines):
+            try:
+                entry = json.loads(ln)
+                entry_step = int(entry["step"])
+            except (ValueError, KeyError, TypeError) as e:
+                if n == len(lines) - 1:
+                    print(f"{path}: dropped a last line cut short by a crash", file=sys.stderr)
+                    break
+                raise TerditError(f"{path}: line {n + 1} is not a log entry ({e})") from e
+            if entry_step <= step:
+                keep.append(ln)
         atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     def _save(self, step: int, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer) -> None:
         """Write checkpoints/<step> atomically (rank 0), keeping the newest `keep_checkpoints`."""
         d = self.dist
-        model_state = _full_state(_unwrap(model))
-        ema_state = _full_state(ema)
-        opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True))
-        if d.is_main:
+        # a resume at the final step finds its checkpoint on disk: it is never written again
+        if step != getattr(self, "_saved_step", None):
+            model_state = _full_state(_unwrap(model))
+            ema_state = _full_state(ema)
+            opt_state = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                                       cpu_offload=True))
+        if d.is_main and step != getattr(self, "_saved_step", None):
             train_state = {"step": step, "optimizer": opt_state, "rng": _rng_state(), "world_size": d.world_size}
 
             def fill(tmp: Path) -> None:
@@ -401,8 +628,11 @@ class Trainer:
                 torch.save(train_state, tmp / "train_state.pt")
 
             atomic_dir(self.out / runlib.CKPT_DIR / runlib.checkpoint_name(step), fill)
+        if d.is_main:  # also after a crash between writing a checkpoint and pruning the older ones
             for old in runlib.checkpoint_dirs(self.out)[: -max(1, self.args.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+                remove_tree(old)
+        self._saved_step = step
+        self._ckpt_time = time.monotonic()
         barrier(d)
 
     def _sample_grid(self, ema: nn.Module, path: Path, writer, step: int) -> None:

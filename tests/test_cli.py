@@ -40,7 +40,7 @@ def test_sample_png_and_npz(run_dir, tmp_path):
     "argv,needle",
     [
         (["sample", "--classes", "12"], "outside [0, 10)"),
-        (["sample", "--cfg", "-1"], "--cfg must be >= 0"),
+        (["sample", "--cfg", "-1"], "--cfg: must be >= 0"),
         (["sample", "--steps", "0"], "--steps must be in [1, 1000]"),
         (["sample", "--out", "x.jpg"], "must end in .png"),
     ],
@@ -50,7 +50,7 @@ def test_bad_sampling_input_is_one_line_and_touches_nothing(run_dir, tmp_path, c
     out.write_bytes(b"precious")
     args = [argv[0], "--run", str(run_dir), *argv[1:]]
     if "--out" not in args:
-        args += ["--out", str(out)]
+        args += ["--out", str(out), "--overwrite"]  # even allowed to replace it, a refused run keeps it
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err

@@ -11,12 +11,15 @@ Each shard holds ``latents`` (N, C, h, w) in model space (already multiplied by 
 deviation, with ``--vae-mode moments``), ``labels`` and ``indices`` (position in the scanned list), plus a
 settings hash in its metadata. Shard k is a fixed slice of the scanned list, so a shard's content does
 not depend on the number of processes; process r of W handles shards k with k % W == r, and a rerun
-skips shards already on disk (written atomically, so a file that exists is complete).
+skips shards already on disk (written atomically; a file cut short some other way is redone, and a
+complete folder whose shards are not all intact loses its manifest and is completed again). The folder is
+locked (``LATENTS/.lock``) by the process that writes it.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime
 import hashlib
 import json
@@ -36,9 +39,10 @@ from terdit.data.images import SHOW_SKIPPED, ImageIndex, _warn, load_image_array
 from terdit.data.vae import VAE, load_vae
 from terdit.distributed import join_process_group
 from terdit.errors import TerditError
-from terdit.io import atomic_write_text, save_tensors
+from terdit.io import atomic_write_text, clean_leftovers, locked, save_tensors
 
 MANIFEST = "manifest.json"
+LOCK_FILE = ".lock"
 FORMAT = "terdit-latents"
 FORMAT_VERSION = 1
 EXTRACT_MODES = ("mean", "sample", "moments")
@@ -100,6 +104,11 @@ def _shard_metadata(path: Path) -> dict[str, str] | None:
     except (TerditError, KeyError, TypeError, IndexError, OSError):
         return None
     return header.get("__metadata__") or {}
+
+
+def _broken_shards(root: Path, manifest: dict[str, Any]) -> list[str]:
+    """Shards a manifest lists that are missing, cut short or unreadable."""
+    return [s["file"] for s in manifest.get("shards", []) if _shard_metadata(root / s["file"]) is None]
 
 
 def _shard_done(out: Path, k: int, settings: dict[str, Any]) -> bool:
@@ -333,7 +342,10 @@ def extract_latents(
         raise TerditError("--shard-size and --batch-size must be positive")
     out = Path(out)
     d = _Dist(device)
+    hold = contextlib.ExitStack()
     try:
+        if d.rank == 0 and (out.is_dir() or not out.exists()):
+            hold.enter_context(locked(out / LOCK_FILE, f"--out {out}"))
         # Scan on rank 0 (its errors reach everyone), then hand the same index to every process.
         index, error = None, None
         if d.rank == 0:
@@ -412,6 +424,7 @@ def extract_latents(
             return None
         return manifest if d.rank == 0 else read_manifest(out)
     finally:
+        hold.close()
         d.close()
 
 
@@ -419,14 +432,17 @@ def _check_existing(out: Path, settings: dict[str, Any]) -> None:
     """Refuse to mix shards made with other settings (or from a changed folder) into this directory."""
     if not out.is_dir():
         return
-    for tmp in out.glob(".shard-*.tmp"):  # left by a killed run; no process of this run writes yet
-        tmp.unlink(missing_ok=True)
+    clean_leftovers(out, ("shard-*", MANIFEST))  # left by a killed run; no process of this run writes yet
     if (out / MANIFEST).is_file():
         m = read_manifest(out)
         if m.get("settings_hash") != settings["settings_hash"]:
             raise TerditError(f"--out {out}: holds complete latents made with other settings or from a "
                               f"changed folder ({_diff(m, settings)}); choose another --out or delete it")
-        return
+        broken = _broken_shards(out, m)
+        if not broken:
+            return
+        print(f"{out}: {', '.join(broken[:3])} missing or cut short; redoing {len(broken)} shard(s)")
+        (out / MANIFEST).unlink()
     for p in sorted(out.glob("shard-*.safetensors")):
         meta = _shard_metadata(p)
         if meta is not None and meta.get("settings_hash") != settings["settings_hash"]:
@@ -462,8 +478,9 @@ class LatentDataset(Dataset):
         self._starts = np.cumsum([0, *counts]).tolist()
         self._files = [self.root / s["file"] for s in self.manifest["shards"]]
         for f in self._files:
-            if not f.is_file():
-                raise TerditError(f"{f}: listed in {self.root / MANIFEST} but missing")
+            if _shard_metadata(f) is None:
+                raise TerditError(f"{f}: listed in {self.root / MANIFEST} but missing, cut short or unreadable; "
+                                  f"rerun extract-latents on {self.root} to redo it")
         self._maps: list[dict[str, np.ndarray]] | None = None
 
     def __len__(self) -> int:

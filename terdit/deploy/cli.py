@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from terdit.cliargs import add_overwrite_arg
 from terdit.deploy.format import DTYPE_NAMES
 from terdit.deploy.packed_linear import POLICIES
 from terdit.quant.packing import FORMATS
@@ -15,7 +16,8 @@ from terdit.quant.ptq import GRANULARITIES, METHODS
 def _export(args: argparse.Namespace) -> int:
     from terdit.deploy.export import export_run
 
-    out = export_run(args.run, args.out, args.format, args.dtype, ema=not args.no_ema, int8=args.int8)
+    out = export_run(args.run, args.out, args.format, args.dtype, ema=not args.no_ema, int8=args.int8,
+                     overwrite=args.overwrite)
     extra = ", large matrices in int8 rows" if args.int8 else ""
     print(f"wrote {out} ({args.format}, float tensors in {args.dtype}{extra})")
     return 0
@@ -24,7 +26,7 @@ def _export(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from terdit.deploy.convert import convert_release
 
-    out = convert_release(args.src, args.out, args.format, args.dtype)
+    out = convert_release(args.src, args.out, args.format, args.dtype, overwrite=args.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -32,7 +34,8 @@ def _convert(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from terdit.deploy.quantize import quantize_run
 
-    out = quantize_run(args.run, args.out, args.method, args.granularity, ema=not args.no_ema)
+    out = quantize_run(args.run, args.out, args.method, args.granularity, ema=not args.no_ema,
+                       overwrite=args.overwrite)
     print(f"wrote {out} ({args.method}, per {args.granularity})")
     return 0
 
@@ -73,6 +76,7 @@ def register(subparsers) -> None:
         "--dtype", choices=list(DTYPE_NAMES), default="fp32", help="storage dtype of the float tensors"
     )
     p.add_argument("--no-ema", action="store_true", help="pack the raw weights instead of the EMA")
+    add_overwrite_arg(p, "deploy directory")
     p.add_argument(
         "--int8",
         action="store_true",
@@ -91,6 +95,7 @@ def register(subparsers) -> None:
         help="default: 2bit for TerDiT (bytes kept as released), fp for Large-DiT",
     )
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="default: the release's own")
+    add_overwrite_arg(p, "deploy directory")
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser("quantize", help="post-training quantization of a full-precision model")
@@ -99,6 +104,7 @@ def register(subparsers) -> None:
     p.add_argument("--granularity", choices=GRANULARITIES, default="tensor")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--no-ema", action="store_true")
+    add_overwrite_arg(p, "quantized run folder")
     p.set_defaults(func=_quantize)
 
     p = subparsers.add_parser("bench", help="deployment efficiency: full precision vs packed ternary")

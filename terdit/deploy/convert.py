@@ -8,19 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from terdit.deploy.export import export_model
+from terdit.deploy.export import check_deploy_out, export_model
 from terdit.deploy.loader import load_deployed
 from terdit.deploy.public import is_release_dir
 from terdit.errors import TerditError
 
 
 def convert_release(
-    src: str | Path, out: str | Path, fmt: str | None = None, dtype: str | None = None
+    src: str | Path, out: str | Path, fmt: str | None = None, dtype: str | None = None, overwrite: bool = False
 ) -> Path:
     """Convert release `src`. `fmt` defaults to "2bit" for TerDiT releases and must be "fp" for Large-DiT;
-    `dtype` (of the float tensors) defaults to the release's own."""
+    `dtype` (of the float tensors) defaults to the release's own. An existing deploy directory at `out` is
+    replaced only with `overwrite`."""
     if not is_release_dir(src):
         raise TerditError(f"{src}: not a release directory (no model_args.pth)")
+    check_deploy_out(out, src, overwrite)
     model = load_deployed(src, device="cpu", dtype="fp32", policy="memory")
     ternary = model.config.ternary
     fmt = fmt or ("2bit" if ternary else "fp")

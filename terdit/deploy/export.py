@@ -16,7 +16,7 @@ from torch import nn
 from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, dtype_name, parse_dtype, write_config
 from terdit.deploy.packed_linear import PackedLinear
 from terdit.errors import TerditError
-from terdit.io import atomic_dir, save_tensors
+from terdit.io import atomic_dir, check_output, clean_leftovers, save_tensors
 from terdit.models.configs import TerDiTConfig
 from terdit.quant.int8 import SCALE_SUFFIX, int8_eligible, quantize_rows
 from terdit.quant.packing import FORMATS, pack_codes, padding
@@ -126,12 +126,25 @@ def write_deploy(
     return atomic_dir(out, fill)
 
 
+def check_deploy_out(out: str | Path, src: str | Path, overwrite: bool) -> Path:
+    """Refuse an --out that is the source (or holds it, or lies in it), anything but a deploy directory, or a
+    deploy directory without `overwrite`; then clean what a crashed earlier write left next to it."""
+    from terdit.deploy.format import is_deploy_dir
+
+    out = check_output(out, inputs=[src], own=is_deploy_dir, kind="deploy directory", overwrite=overwrite)
+    clean_leftovers(out.parent, (out.name,))
+    return out
+
+
 def export_run(
-    run: str | Path, out: str | Path, fmt: str, dtype: str = "fp32", ema: bool = True, int8: bool = False
+    run: str | Path, out: str | Path, fmt: str, dtype: str = "fp32", ema: bool = True, int8: bool = False,
+    overwrite: bool = False,
 ) -> Path:
-    """Pack the latest checkpoint of a training run (EMA weights by default)."""
+    """Pack the latest checkpoint of a training run (EMA weights by default) into a new deploy directory;
+    an existing one is replaced only with `overwrite`."""
     from terdit.run import latest_checkpoint, load_run_model
 
+    check_deploy_out(out, run, overwrite)
     ckpt = latest_checkpoint(run)
     model = load_run_model(run, ema=ema, checkpoint=ckpt)
     if not model.config.ternary:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from terdit.errors import TerditError
-from terdit.io import atomic_dir, save_tensors
+from terdit.io import atomic_dir, atomic_write_text, check_output, clean_leftovers, save_tensors
 from terdit.models.terdit import TerDiT
 from terdit.quant.ptq import quantize_model
 
@@ -42,12 +42,21 @@ def load_source_model(src: str | Path, ema: bool = True) -> tuple[TerDiT, dict, 
     raise TerditError(f"{src}: not a run folder, deploy directory or release directory")
 
 
+def is_quantized_run(path: Path) -> bool:
+    """What `quantize` writes (and so may replace with --overwrite): a run folder with quantize.json."""
+    return (path / REPORT_FILE).is_file() and path.is_dir()
+
+
 def quantize_run(
-    src: str | Path, out: str | Path, method: str, granularity: str = "tensor", ema: bool = True
+    src: str | Path, out: str | Path, method: str, granularity: str = "tensor", ema: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Quantize `src` (EMA weights of a run by default) and write run folder `out`."""
+    """Quantize `src` (EMA weights of a run by default) and write run folder `out`; an existing quantized
+    run there is replaced only with `overwrite`."""
     from terdit.run import CKPT_DIR, CONFIG_FILE
 
+    out = check_output(out, inputs=[src], own=is_quantized_run, kind="quantized run folder", overwrite=overwrite)
+    clean_leftovers(out.parent, (out.name,))
     model, source, step = load_source_model(src, ema)
     if model.config.ternary:
         raise TerditError(f"{src}: the run is ternary (QAT); PTQ applies to full-precision runs")
@@ -68,6 +77,6 @@ def quantize_run(
         meta = {"ptq_method": method, "ptq_granularity": granularity}
         save_tensors(ckpt / "model.safetensors", state, metadata=meta)
         save_tensors(ckpt / "ema.safetensors", state, metadata=meta)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(tmp / REPORT_FILE, json.dumps(report, indent=2) + "\n")
 
     return atomic_dir(out, fill)
