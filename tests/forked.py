@@ -71,9 +71,9 @@ def terdit(argv: list[str], env: dict[str, str] | None = None) -> Result:
         return Result(os.waitstatus_to_exitcode(status), log.read())
 
 
-def fault_sites(argv: list[str], log: Path) -> list[str]:
+def fault_sites(argv: list[str], log: Path, env: dict[str, str] | None = None) -> list[str]:
     """The fault points a clean run of `argv` passes, in order (the run must succeed)."""
-    res = terdit(argv, {"TERDIT_FAULT_LOG": str(log)})
+    res = terdit(argv, {**(env or {}), "TERDIT_FAULT_LOG": str(log)})
     assert res.rc == 0, res.out
     return log.read_text().split()
 

@@ -35,21 +35,22 @@ def _train_snapshot(run: Path) -> dict:
 
 def _kill_everywhere(tmp_path: Path, argv: Callable[[Path], list[str]], again: Callable[[Path], list[str]],
                      snapshot: Callable[[Path], object], prepare: Callable[[Path], None] = lambda p: None,
-                     after_kill: Callable[[Path], None] = lambda p: None) -> list[str]:
+                     after_kill: Callable[[Path], None] = lambda p: None,
+                     env: Callable[[Path], dict[str, str]] = lambda p: {}) -> list[str]:
     """Kill `argv` at each fault point a clean run passes; `again` must then finish it bitwise identical to
     the clean run, leaving no temporaries, moved-aside folders or locks. Returns the sites."""
     ref = tmp_path / "ref"
     prepare(ref)
-    sites = fault_sites(argv(ref), tmp_path / "sites.log")
+    sites = fault_sites(argv(ref), tmp_path / "sites.log", env(ref))
     expected = snapshot(ref)
     assert not leftovers(ref)
     for i, site in enumerate(sites, 1):
         d = tmp_path / f"k{i}"
         prepare(d)
-        res = terdit(argv(d), {"TERDIT_FAULT": f"*:{i}"})
+        res = terdit(argv(d), {**env(d), "TERDIT_FAULT": f"*:{i}"})
         assert res.rc == 137, (site, res.out)
         after_kill(d)
-        res = terdit(again(d))
+        res = terdit(again(d), env(d))
         assert res.rc == 0, (site, res.out)
         assert snapshot(d) == expected, site
         assert not leftovers(d), (site, leftovers(d))
@@ -215,10 +216,10 @@ def test_a_second_sample_npz_into_the_same_output_is_refused(tmp_path, micro_run
 # -------------------------------------------------------------------------------------- extract-latents
 
 
-def test_extract_latents_survives_a_kill_at_every_write(tmp_path, monkeypatch):
+def test_extract_latents_survives_a_kill_at_every_write(tmp_path):
+    from terdit.data.latents import read_safetensors_header
     from terdit.data.synthetic import make_image_folder, save_tiny_vae
 
-    monkeypatch.setenv("TERDIT_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "imgs", classes=2, per_class=3, seed=1)
     vae = save_tiny_vae(tmp_path / "vae", (8, 16))
 
@@ -226,14 +227,28 @@ def test_extract_latents_survives_a_kill_at_every_write(tmp_path, monkeypatch):
         return ["extract-latents", str(data), "--vae", str(vae), "--out", str(d / "lat"), "--resolution", "16",
                 "--shard-size", "4", "--num-workers", "0", "--no-progress"]
 
-    def snapshot(d: Path) -> dict:
-        return {p.name: p.read_bytes() for p in sorted((d / "lat").iterdir())}
+    def snapshot(d: Path) -> dict:  # safetensors orders its metadata per process: compare it parsed
+        out = {}
+        for p in sorted((d / "lat").iterdir()):
+            header, start = read_safetensors_header(p) if p.suffix == ".safetensors" else (None, 0)
+            out[p.name] = (header, p.read_bytes()[start:])
+        return out
 
-    sites = _kill_everywhere(tmp_path, argv, argv, snapshot, prepare=lambda d: d.mkdir())
+    sites = _kill_everywhere(tmp_path, argv, argv, snapshot, prepare=lambda d: d.mkdir(),
+                             env=lambda d: {"TERDIT_CACHE": str(d / "cache")})  # each trial scans afresh
     assert {"write:shard-000000.safetensors", "rename:shard-000001.safetensors", "rename:manifest.json"} <= set(sites)
 
 
 # ------------------------------------------------------------------------------- export, convert, quantize
+
+
+def _rerun(argv: Callable[[Path], list[str]], name: str) -> Callable[[Path], list[str]]:
+    """What a user reruns after a crash: the same command, with --overwrite once the output is there."""
+    def again(d: Path) -> list[str]:
+        cmd = argv(d)
+        return [*cmd, "--overwrite"] if (d / name).exists() and "--overwrite" not in cmd else cmd
+
+    return again
 
 
 def _dir_snapshot(path: Path) -> dict:
@@ -265,7 +280,7 @@ def test_export_survives_a_kill_at_every_write(tmp_path, micro_run, replace):
     new_ref.mkdir()
     assert terdit(["export", str(micro_run), "--out", str(new_ref / "dep")]).rc == 0
     old["new"] = _dir_snapshot(new_ref / "dep")
-    sites = _kill_everywhere(tmp_path, argv, argv, lambda d: _dir_snapshot(d / "dep"), prepare=prepare,
+    sites = _kill_everywhere(tmp_path, argv, _rerun(argv, "dep"), lambda d: _dir_snapshot(d / "dep"), prepare=prepare,
                              after_kill=whole)
     assert ("exchange:dep" if replace else "rename:dep") in sites
 
@@ -297,7 +312,10 @@ def test_convert_and_quantize_survive_a_kill_at_every_write(tmp_path, monkeypatc
     def tree(d: Path) -> dict:
         return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
-    sites = _kill_everywhere(tmp_path / "c", convert, convert, tree, prepare=lambda d: d.mkdir(parents=True))
+    def fresh(d: Path) -> None:
+        d.mkdir(parents=True)
+
+    sites = _kill_everywhere(tmp_path / "c", convert, _rerun(convert, "dep"), tree, prepare=fresh)
     assert "rename:dep" in sites
-    sites = _kill_everywhere(tmp_path / "q", quantize, quantize, tree, prepare=lambda d: d.mkdir(parents=True))
+    sites = _kill_everywhere(tmp_path / "q", quantize, _rerun(quantize, "q"), tree, prepare=fresh)
     assert {"rename:quantize.json", "rename:q"} <= set(sites)

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 
 from terdit.data.base import flip_decision
 from terdit.errors import TerditError
-from terdit.io import atomic_write_text
+from terdit.io import atomic_write_text, clean_leftovers
 
 log = logging.getLogger("terdit.data")
 
@@ -278,6 +278,7 @@ def scan_image_folder(
 
     if cache and new_cache != old_cache:
         try:
+            clean_leftovers(cache_path.parent, (cache_path.name,), log=None)  # a killed scan's temporary
             atomic_write_text(cache_path, json.dumps({"version": _CACHE_VERSION, "root": str(root),
                                                       "folders": new_cache}))
         except OSError:
