@@ -138,7 +138,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise TerditError(f"--out {out}: must end in .png (grid) or .npz (ADM arrays)")
     # before sampling: a refused or unwritable --out must not cost the whole run first
     check_output(out, own=lambda p: p.is_file() and p.suffix.lower() == out.suffix.lower(),
-                 kind=f"{out.suffix.lower()} file", overwrite=args.overwrite)
+                 kind=f"{out.suffix.lower()} file", overwrite=args.overwrite, folder=False)
     model, decode, map_labels = load_for_sampling(args.run, ema=args.ema, device=args.device, dtype=args.dtype,
                                                   vae=args.vae, policy=args.policy)
     classes = args.classes if args.classes is not None else list(range(min(model.config.num_classes, 10)))

@@ -150,7 +150,7 @@ def _check_args(args: MassSampleArgs) -> None:
             raise TerditError(msg)
     if not parts_dir(out).is_dir():
         check_output(out, inputs=[args.run], own=lambda p: p.is_file() and p.suffix.lower() == ".npz",
-                     kind="npz file", overwrite=args.overwrite)
+                     kind="npz file", overwrite=args.overwrite, folder=False)
 
 
 def _prepare_parts(parts: Path, settings: dict, is_main: bool, info) -> None:
