@@ -255,7 +255,7 @@ class Trainer:
         check_writable(self.out, arg=f"--out {self.out}")
         # held from here to the end of run(): checks, cleanup and training see one writer only
         self._hold = contextlib.ExitStack()
-        existed = self.out.exists()
+        self._existed = self.out.exists()
         try:
             if self.dist.is_main:
                 self._hold.enter_context(locked(self.out / runlib.LOCK_FILE, f"run folder {self.out}"))
@@ -263,9 +263,13 @@ class Trainer:
             self._prepare_run_folder()
         except BaseException:
             self.close()
-            if not existed and self.out.is_dir() and not any(self.out.iterdir()):
-                self.out.rmdir()  # a refused run leaves nothing behind
+            self._drop_if_empty()
             raise
+
+    def _drop_if_empty(self) -> None:
+        """A refused run leaves nothing behind, not even the folder its lock needed."""
+        if not self._existed and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
 
     def close(self) -> None:
         """Release the run folder (run() does it when it ends)."""
@@ -345,8 +349,12 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to `steps` under the run folder's lock; raises Interrupted after a SIGINT / SIGTERM once the
         step in progress is finished and checkpointed."""
-        with self._hold, self._stop_on_signals():
-            return self._run()
+        try:
+            with self._hold, self._stop_on_signals():
+                return self._run()
+        except BaseException:
+            self._drop_if_empty()
+            raise
 
     def _clean_leftovers(self) -> None:
         """Temporaries of a killed run (and a checkpoint a crash left moved aside) in the run folder."""
@@ -398,11 +406,6 @@ class Trainer:
         self._decode = data.decode
         cfg = self.config
         micro = self._check_batch(cfg)
-        if d.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.out / runlib.CONFIG_FILE)
-            atomic_write_text(self.out / runlib.TRAIN_ARGS_FILE, json.dumps(dataclasses.asdict(a), indent=2) + "\n")
-        barrier(d)
 
         torch.manual_seed(a.seed)
         model = TerDiT(cfg)
@@ -423,7 +426,14 @@ class Trainer:
         if ckpt is not None:
             self.start_step = self._load_checkpoint(ckpt, model, opt)
             self._saved_step = self.start_step
+        # written once the checkpoint and the log were read: a run that cannot resume is left as it was
         self._truncate_log(self.start_step)  # a fresh start drops the log of an attempt killed before any checkpoint
+        if d.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not a.resume:
+                cfg.save(self.out / runlib.CONFIG_FILE)
+            atomic_write_text(self.out / runlib.TRAIN_ARGS_FILE, json.dumps(dataclasses.asdict(a), indent=2) + "\n")
+        barrier(d)
 
         sampler = StepBatchSampler(len(data.dataset), micro, a.seed, d.rank, d.world_size,
                                    start=self.start_step * a.grad_accum)
