@@ -208,3 +208,29 @@ def test_extract_latents_redoes_a_truncated_shard(tmp_path, monkeypatch):
     assert res.rc == 0 and "redoing 1 shard" in res.out and "already complete" not in res.out, res.out
     assert shard.stat().st_size == len(good)
     assert len(LatentDataset(tmp_path / "lat")) == 6
+
+
+@pytest.mark.parametrize("change,needle", [({"dim": "abc"}, "bad model config"),
+                                           ({"deploy": {"format": "2bit", "packed": 5}}, "bad deploy section"),
+                                           ({"deploy": 5}, "no 'deploy' section")])
+def test_a_damaged_deploy_config_is_an_input_error(run, tmp_path, capsys, change, needle):
+    dep = tmp_path / "dep"
+    assert main(["export", str(run), "--out", str(dep)]) == 0
+    cfg = json.loads((dep / "config.json").read_text())
+    (dep / "config.json").write_text(json.dumps({**cfg, **change}))
+    capsys.readouterr()
+    assert main(["sample", "--run", str(dep), "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "config.json" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_latent_folder_being_written_is_locked(tmp_path):
+    import os
+
+    from terdit.io import locked
+
+    out = tmp_path / "lat"
+    with locked(out / ".lock", "latents"):  # as a running extraction holds it
+        res = terdit(["extract-latents", str(tmp_path), "--vae", "none", "--out", str(out), "--num-workers", "0"])
+    assert res.rc == 2 and f"in use by process {os.getpid()}" in res.out, res.out

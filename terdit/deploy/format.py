@@ -60,6 +60,12 @@ class DeployInfo:
     int8_rows: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        shapes_ok = isinstance(self.packed, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("shape"), list) for v in self.packed.values())
+        if not shapes_ok or not isinstance(self.source, dict) or not isinstance(self.int8_rows, list) \
+                or not isinstance(self.version, int):
+            raise TerditError("deploy section: 'packed' must map layers to {shape, pad}, 'source' be an object, "
+                              "'int8_rows' a list and 'version' an integer")
         if self.format not in DEPLOY_FORMATS:
             raise TerditError(f"deploy format must be one of {DEPLOY_FORMATS}, got {self.format!r}")
         parse_dtype(self.dtype)
@@ -96,7 +102,7 @@ def read_config(directory: str | Path) -> tuple[TerDiTConfig, DeployInfo]:
     deploy = raw.pop("deploy")
     try:
         info = DeployInfo(**deploy)
-    except TypeError as e:
+    except (TypeError, TerditError) as e:
         raise TerditError(f"{path}: bad deploy section ({e})") from e
     if info.version > VERSION:
         raise TerditError(f"{path}: deploy version {info.version} is newer than this terdit ({VERSION})")
