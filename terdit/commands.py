@@ -130,6 +130,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from terdit.io import check_output
+    from terdit.memory import check_batch_fits
     from terdit.sample import check_sampling_args, generate, save_samples
     from terdit.serving import load_for_sampling
 
@@ -144,6 +145,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     classes = args.classes if args.classes is not None else list(range(min(model.config.num_classes, 10)))
     check_sampling_args(model.config.num_classes, classes, args.cfg, args.steps, args.cfg_channels,
                         model.config.in_channels)
+    check_batch_fits(model.config, 2 * len(classes) * args.num_per_class, next(model.parameters()).device,
+                     f"--num-per-class {args.num_per_class}")
     labels = [c for c in classes for _ in range(args.num_per_class)]
     dtype = next(model.parameters()).dtype
     images = generate(model, map_labels(labels), decode=decode, cfg_scale=args.cfg, steps=args.steps,

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from terdit.errors import TerditError
 
 _fault_counts: dict[str, int] = {}
-TMP_RE = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # tempfile's 8 random characters
+TMP_RE = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]+\.tmp$")  # .<target>.<random>.tmp
 OLD_RE = re.compile(r"^\.(?P<target>.+)\.old$")
 
 

@@ -33,6 +33,7 @@ import torch
 from terdit.cliargs import add_device_args, add_overwrite_arg, nonneg_float, positive_int
 from terdit.errors import TerditError
 from terdit.io import atomic_write, atomic_write_text, check_output, clean_leftovers, fault_point, locked
+from terdit.memory import check_batch_fits
 
 SETTINGS_FILE = "settings.json"
 PART_GLOB = "batch-*.npz"
@@ -259,6 +260,7 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
         k = model.config.num_classes
         classes = list(args.classes) if args.classes else list(range(k))
         check_sampling_args(k, classes, args.cfg, args.steps, args.cfg_channels, model.config.in_channels)
+        check_batch_fits(model.config, 2 * args.batch_size, torch.device(device), f"--batch-size {args.batch_size}")
         dtype = next(model.parameters()).dtype
         settings = settings_of(args, classes, dtype)
         out, parts = Path(args.out), parts_dir(args.out)

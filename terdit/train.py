@@ -17,7 +17,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -54,6 +53,7 @@ from terdit.io import (
     remove_tree,
     save_tensors,
 )
+from terdit.memory import check_batch_fits
 from terdit.models.configs import TerDiTConfig, get_config
 from terdit.models.terdit import TerDiT
 from terdit.sample import make_grid, sample_latents, save_grid, to_uint8
@@ -219,22 +219,6 @@ def _default_of(key: str) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
-def _activation_floor(cfg: TerDiTConfig, micro: int) -> int:
-    """A lower bound on the bytes one micro-batch's activations take: the residual stream of every block,
-    kept for backward (the real figure is several times larger)."""
-    tokens = (cfg.input_size // cfg.patch_size) ** 2
-    return micro * tokens * cfg.dim * cfg.depth * 4
-
-
-def _device_memory(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
-        return None
-
-
 class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         args.validate()
@@ -377,11 +361,8 @@ class Trainer:
         if a.batch_size % world_micro:
             raise TerditError(f"--batch-size {a.batch_size} is not divisible by processes x grad-accum = {world_micro}")
         micro = a.batch_size // world_micro
-        need, have = _activation_floor(cfg, micro), _device_memory(self.device)
-        if have is not None and need > have:
-            raise TerditError(f"--batch-size {a.batch_size}: a micro-batch of {micro} needs more than "
-                              f"{need / 2**30:.0f} GiB of activations, the {self.device.type} has "
-                              f"{have / 2**30:.0f} GiB; use a smaller batch or --grad-accum")
+        check_batch_fits(cfg, micro, self.device, f"--batch-size {a.batch_size} (micro-batch {micro}; "
+                                                  "--grad-accum splits it)", training=True)
         return micro
 
     def _load_checkpoint(self, ckpt: Path, model: nn.Module, opt: torch.optim.Optimizer) -> int:

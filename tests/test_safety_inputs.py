@@ -134,6 +134,8 @@ BAD_ARGS = [
     (["sample-npz", "--run", "RUN", "--cfg", "nan"], "--cfg"),
     (["sample-npz", "--run", "RUN", "--cfg-channels", "9", "--num-samples", "2"], "--cfg-channels 9"),
     (["sample-npz", "--run", "RUN", "--out", "FILE/x.npz"], "is not a directory"),
+    (["sample-npz", "--run", "RUN", "--batch-size", "1000000000", "--out", "OUT"], "--batch-size 1000000000"),
+    (["sample", "--run", "RUN", "--num-per-class", "1000000000", "--out", "OUT"], "--num-per-class"),
     (["sample-npz", "--run", "RUN", "--out", "RUN/x.npz"], "the input"),
     (["export", "RUN", "--out", "FILE/dep"], "is not a directory"),
     (["extract-latents", "RUN", "--vae", "none", "--out", "OUT", "--num-workers", "-1"], "--num-workers"),
@@ -145,7 +147,7 @@ def test_bad_arguments_are_one_line_and_write_nothing(run, tmp_path, capsys, arg
     (tmp_path / "FILE").write_text("a file, not a folder")
     (tmp_path / "FOREIGN").mkdir()
     (tmp_path / "FOREIGN" / "thesis.tex").write_text("keep")
-    sub = {"RUN": str(run), "FILE": str(tmp_path / "FILE"), "OUT": str(tmp_path / "out"),
+    sub = {"RUN": str(run), "FILE": str(tmp_path / "FILE"), "OUT": str(tmp_path / "out.npz"),
            "FOREIGN": str(tmp_path / "FOREIGN")}
     argv = [sub.get(a, a) for a in argv]
     argv = [str(tmp_path / a) if a.startswith("FILE/") else a.replace("RUN/", f"{run}/") for a in argv]

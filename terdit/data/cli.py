@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from terdit.cliargs import positive_int
+from terdit.cliargs import nonneg_int, positive_int
 from terdit.errors import TerditError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -20,8 +20,6 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def _extract(args: argparse.Namespace) -> int:
     from terdit.data.latents import extract_latents
 
-    if args.num_workers < 0:
-        raise TerditError("--num-workers must be >= 0")
     manifest = extract_latents(
         args.data, args.out, vae=args.vae, resolution=args.resolution, flip=args.flip, vae_mode=args.vae_mode,
         seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
@@ -59,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for --vae-mode sample")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call (per process)")
     p.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
-    p.add_argument("--num-workers", type=int, default=4, help="image decoding processes (per process)")
+    p.add_argument("--num-workers", type=nonneg_int, default=4, help="image decoding processes (per process)")
     p.add_argument("--strict", action="store_true", help="fail on any unreadable file or empty class")
     p.add_argument("--class-map", help="JSON {folder_name: class_index} instead of sorted folder order")
     p.add_argument("--store-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of stored latents")
