@@ -214,6 +214,9 @@ RUN_ENTRIES = (runlib.CONFIG_FILE, runlib.TRAIN_ARGS_FILE, runlib.LOG_FILE, runl
                "samples", "samples.png")
 
 
+MODEL_KEYS = ("config", "ternary", "linear", "adaln_norm", "alpha_init", "qk_norm")  # fixed by config.json
+
+
 def _default_of(key: str) -> Any:
     f = TrainArgs.__dataclass_fields__[key]
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -304,6 +307,10 @@ class Trainer:
                 changed.append(f"--{key.replace('_', '-')} {stored[key]!r} -> {new!r}")
                 if a.override:
                     stored[key] = new
+        model = [c for c in changed if c.split()[0][2:].replace("-", "_") in MODEL_KEYS]
+        if model:  # the weights fix the model: --override cannot change it
+            raise TerditError(f"--resume {self.out}: the model differs from the run's ({', '.join(model[:3])}); "
+                              "start a new run (--init-from copies weights of the same shape)")
         if changed and not a.override:
             raise TerditError(f"--resume {self.out}: settings differ from {runlib.TRAIN_ARGS_FILE} "
                               f"({', '.join(changed[:3])}); pass --override to change them")

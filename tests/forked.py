@@ -10,7 +10,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from terdit.io import OLD_RE, TMP_RE
+TMP_RE = re.compile(r"^\..+\.[A-Za-z0-9_]+\.tmp$")  # terdit's temporaries: .<name>.<random>.tmp
+OLD_RE = re.compile(r"^\..+\.old$")  # a directory moved aside while being replaced
 
 
 @dataclass

@@ -104,7 +104,7 @@ def test_resume_refuses_changed_settings_unless_overridden(run, tmp_path, capsys
     shutil.rmtree(copy / "checkpoints" / "0000003")
     before = _tree(copy)
     for change, name in ((["--batch-size", "8"], "--batch-size 4 -> 8"), (["--lr", "0.001"], "--lr"),
-                         (["--no-ternary"], "--ternary True -> False"), (["--seed", "3"], "--seed")):
+                         (["--grad-accum", "2"], "--grad-accum 1 -> 2"), (["--seed", "3"], "--seed")):
         capsys.readouterr()
         assert main([*TRAIN, "--out", str(copy), "--resume", *change]) == 2
         err = capsys.readouterr().err
@@ -114,6 +114,9 @@ def test_resume_refuses_changed_settings_unless_overridden(run, tmp_path, capsys
     assert main([*TRAIN, "--out", str(copy), "--resume", "--steps", "1"]) == 2
     assert "--steps 1 is below the run's step 2" in capsys.readouterr().err
     assert _tree(copy) == before
+    assert main([*TRAIN, "--out", str(copy), "--resume", "--no-ternary", "--override"]) == 2
+    assert "the model differs from the run's (--ternary True -> False)" in capsys.readouterr().err
+    assert _tree(copy) == before  # the weights fix the model: --override does not change it
     assert main([*TRAIN, "--out", str(copy), "--resume", "--lr", "0.001", "--override"]) == 0
     assert json.loads((copy / "train_args.json").read_text())["lr"] == 0.001
     assert [json.loads(x)["lr"] for x in (copy / "log.jsonl").read_text().splitlines()][-1] == 0.001
