@@ -209,14 +209,14 @@ def _is_inside(a: Path, b: Path) -> bool:
 def check_output(out: str | Path, *, inputs: Iterable[str | Path] = (), own: Callable[[Path], bool],
                  kind: str, overwrite: bool = False, arg: str = "--out", folder: bool = True) -> Path:
     """Refuse (TerditError) an output path that would destroy something: an input (or a folder holding
-    one, or inside one), anything that is not `kind` (per `own`), or `kind` itself without `overwrite`; and
-    a location that cannot be written. An empty directory is free for a `folder` output."""
+    one), anything that is not `kind` (per `own`), or `kind` itself without `overwrite`; and a location
+    that cannot be written. An empty directory is free for a `folder` output."""
     out = Path(out)
     resolved = out.resolve()
     for src in inputs:
         s = Path(src).resolve()
-        if _is_inside(resolved, s) or _is_inside(s, resolved):
-            raise TerditError(f"{arg} {out}: is (or holds, or lies inside) the input {src}; choose another path")
+        if _is_inside(s, resolved):
+            raise TerditError(f"{arg} {out}: is (or holds) the input {src}; choose another path")
     if out.exists() or out.is_symlink():
         if folder and out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
             pass

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from forked import fault_sites, leftovers, terdit
 
-from terdit.io import load_tensors, locked
+from terdit.io import load_tensors
 
 TRAIN = ["train", "--config", "TerDiT-Micro", "--steps", "3", "--batch-size", "4", "--ckpt-every", "2",
          "--keep-checkpoints", "1", "--log-every", "1", "--sample-steps", "2", "--no-tensorboard", "--no-progress"]
@@ -120,6 +120,8 @@ def test_default_training_checkpoints_by_time(tmp_path):
 
 
 def test_a_locked_run_folder_refuses_a_second_writer_naming_it(tmp_path):
+    from terdit.io import locked
+
     run = tmp_path / "run"
     first = os.fork()
     if first == 0:  # a stand-in for a training process: holds the lock until killed

@@ -20,8 +20,11 @@ TRAIN = ["train", "--config", "TerDiT-Micro", "--steps", "3", "--batch-size", "4
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
+    from terdit.train import TrainArgs, Trainer
+
     out = tmp_path_factory.mktemp("inputs") / "run"
-    assert main([*TRAIN, "--out", str(out)]) == 0
+    Trainer(TrainArgs(out=str(out), config="TerDiT-Micro", steps=3, batch_size=4, ckpt_every=2, log_every=1,
+                      sample_steps=2, tensorboard=False, progress=False)).run()
     return out
 
 
@@ -139,7 +142,7 @@ BAD_ARGS = [
     (["sample-npz", "--run", "RUN", "--out", "FILE/x.npz"], "is not a directory"),
     (["sample-npz", "--run", "RUN", "--batch-size", "1000000000", "--out", "OUT"], "--batch-size 1000000000"),
     (["sample", "--run", "RUN", "--num-per-class", "1000000000", "--out", "OUT"], "--num-per-class"),
-    (["sample-npz", "--run", "RUN", "--out", "RUN/x.npz"], "the input"),
+    (["sample-npz", "--run", "RUN", "--out", "RUN"], "must end in .npz"),
     (["export", "RUN", "--out", "FILE/dep"], "is not a directory"),
     (["extract-latents", "RUN", "--vae", "none", "--out", "OUT", "--num-workers", "-1"], "--num-workers"),
 ]
