@@ -242,3 +242,21 @@ def test_a_latent_folder_being_written_is_locked(tmp_path):
     with locked(out / ".lock", "latents"):  # as a running extraction holds it
         res = terdit(["extract-latents", str(tmp_path), "--vae", "none", "--out", str(out), "--num-workers", "0"])
     assert res.rc == 2 and f"in use by process {os.getpid()}" in res.out, res.out
+
+
+def test_extract_latents_refuses_shards_of_images_replaced_since(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from terdit.data.synthetic import make_image_folder, save_tiny_vae
+
+    monkeypatch.setenv("TERDIT_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "imgs", classes=2, per_class=3, seed=1)
+    vae = save_tiny_vae(tmp_path / "vae", (8, 16))
+    argv = ["extract-latents", str(data), "--vae", str(vae), "--out", str(tmp_path / "lat"), "--resolution", "16",
+            "--shard-size", "4", "--num-workers", "0", "--no-progress"]
+    assert terdit(argv, {"TERDIT_FAULT": "rename:shard-000000.safetensors:1"}).rc == 137
+    victim = sorted((data / "class_0").iterdir())[0]
+    Image.new("RGB", (33, 47), "red").save(victim, format=Image.open(victim).format)  # same name, new image
+    res = terdit(argv)
+    assert res.rc == 2 and "made with other settings or from a changed folder" in res.out, res.out
+    assert "inputs_fingerprint" in res.out

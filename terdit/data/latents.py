@@ -203,6 +203,24 @@ def _item_noise(seed: int, ids: list[int], stream: int, shape: tuple[int, ...]) 
     return out
 
 
+def _inputs_fingerprint(index: ImageIndex) -> str:
+    """Size and modification time of every image: an image replaced under the same name changes it."""
+    h = hashlib.sha256()
+    for rel in index.paths:
+        st = (index.root / rel).stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _weights_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the VAE's weights: the same hub id or folder may hold other weights later."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _settings(index: ImageIndex, vae: VAE, resolution: int, flip: bool, mode: str, seed: int,
               store_dtype: str, shard_size: int) -> dict[str, Any]:
     s = {
@@ -211,6 +229,7 @@ def _settings(index: ImageIndex, vae: VAE, resolution: int, flip: bool, mode: st
         "latent_shape": list(vae.latent_shape(resolution)),
         "vae_mode": mode, "flip": flip, "seed": seed if mode == "sample" else None,
         "store_dtype": store_dtype, "shard_size": shard_size, "index_fingerprint": index.fingerprint(),
+        "inputs_fingerprint": _inputs_fingerprint(index), "vae_fingerprint": _weights_fingerprint(vae.model),
     }
     s["settings_hash"] = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
     return s
