@@ -74,14 +74,26 @@ def test_export_replaces_its_own_kind_only_with_overwrite(run, tmp_path, capsys)
     assert main(["export", str(run), "--out", str(tmp_path / "empty")]) == 0  # an empty folder is free
 
 
-def test_quantize_and_convert_refuse_foreign_outputs(run, tmp_path, capsys):
+def test_quantize_and_convert_refuse_foreign_outputs(tmp_path, capsys):
+    import torch
+
+    from terdit.io import save_tensors
+    from terdit.models import TerDiT, get_config
+
+    fp = tmp_path / "fp"  # a full-precision run, what quantize takes
+    torch.manual_seed(0)
+    model = TerDiT(get_config("TerDiT-Micro", linear="fp"))
+    model.config.save(fp / "config.json")
+    save_tensors(fp / "checkpoints" / "0000001" / "ema.safetensors", model.state_dict())
     target = tmp_path / "d"
     (target / "docs").mkdir(parents=True)
     (target / "docs" / "a.md").write_text("keep")
-    _refused(["quantize", str(run), "--out", str(target)], capsys, "not a quantized run folder")
-    _refused(["quantize", str(run), "--out", str(target), "--overwrite"], capsys, "not a quantized run folder")
+    _refused(["quantize", str(fp), "--out", str(target)], capsys, "not a quantized run folder")
+    _refused(["quantize", str(fp), "--out", str(target), "--overwrite"], capsys, "not a quantized run folder")
     assert (target / "docs" / "a.md").read_text() == "keep"
-    _refused(["quantize", str(run), "--out", str(run)], capsys, "the input")
+    before = _tree(fp)
+    _refused(["quantize", str(fp), "--out", str(fp)], capsys, "the input")
+    assert _tree(fp) == before
     rel = tmp_path / "rel"
     rel.mkdir()
     (rel / "model_args.pth").write_bytes(b"")
@@ -124,7 +136,9 @@ def test_files_and_folders_follow_the_umask(run, tmp_path, mask):
     old = os.umask(mask)
     try:
         out = tmp_path / "r"
-        assert terdit([*TRAIN, "--out", str(out), "--ckpt-every", "1"]).rc == 0
+        train = ["train", "--config", "TerDiT-Micro", "--steps", "2", "--batch-size", "4", "--ckpt-every", "1",
+                 "--no-tensorboard", "--no-progress"]  # flags older versions knew too
+        assert terdit([*train, "--out", str(out)]).rc == 0
         assert terdit(["export", str(out), "--out", str(tmp_path / "dep")]).rc == 0
         assert terdit(["sample", "--run", str(out), "--steps", "2", "--out", str(tmp_path / "s.npz")]).rc == 0
         assert terdit(["sample-npz", "--run", str(out), "--num-samples", "2", "--batch-size", "2", "--steps", "2",
