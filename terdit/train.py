@@ -214,6 +214,8 @@ RUN_ENTRIES = (runlib.CONFIG_FILE, runlib.TRAIN_ARGS_FILE, runlib.LOG_FILE, runl
                "samples", "samples.png")
 
 
+RESUME_FROM_NOW = ("out", "steps", "resume", "override", "device", "precision", "num_workers", "parallel",
+                   "progress", "init_from")
 MODEL_KEYS = ("config", "ternary", "linear", "adaln_norm", "alpha_init", "qk_norm")  # fixed by config.json
 
 
@@ -314,8 +316,9 @@ class Trainer:
         if changed and not a.override:
             raise TerditError(f"--resume {self.out}: settings differ from {runlib.TRAIN_ARGS_FILE} "
                               f"({', '.join(changed[:3])}); pass --override to change them")
-        for key in RESUME_MAY_CHANGE:
-            stored[key] = getattr(a, key)
+        for key in RESUME_MAY_CHANGE:  # the machine's settings are today's; the rest stay unless given
+            if key in RESUME_FROM_NOW or key not in stored or getattr(a, key) != _default_of(key):
+                stored[key] = getattr(a, key)
         stored.update(resume=True, out=str(self.out))
         try:
             resumed = TrainArgs(**{k: v for k, v in stored.items() if k in fields})
