@@ -362,8 +362,9 @@ def extract_latents(
     out = Path(out)
     d = _Dist(device)
     hold = contextlib.ExitStack()
+    existed = out.exists()
     try:
-        if d.rank == 0 and (out.is_dir() or not out.exists()):
+        if d.rank == 0 and (out.is_dir() or not existed):
             hold.enter_context(locked(out / LOCK_FILE, f"--out {out}"))
         # Scan on rank 0 (its errors reach everyone), then hand the same index to every process.
         index, error = None, None
@@ -444,6 +445,8 @@ def extract_latents(
         return manifest if d.rank == 0 else read_manifest(out)
     finally:
         hold.close()
+        if d.rank == 0 and not existed and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # refused before anything was written: leave nothing behind
         d.close()
 
 
