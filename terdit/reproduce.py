@@ -389,7 +389,7 @@ class Evaluator:
         for lo in range(0, len(z), 128):
             x, e = z[lo:lo + 128].to(self.device), noise[lo:lo + 128].to(self.device)
             y, t = self.eval_y[lo:lo + 128].to(self.device), self.eval_t[lo:lo + 128].to(self.device)
-            terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y), x, t, e)
+            terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y, return_dict=False)[0], x, t, e)
             total += float(terms["loss"].sum())
         return total / len(z)
 

@@ -294,7 +294,8 @@ class Trainer:
                     sync = model.no_sync()
                 with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                           enabled=self.autocast_dtype is not None):
-                    terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y), x, t, noise)
+                    fwd = lambda xt, tt, y=y: model(xt, tt, y, return_dict=False)[0]  # noqa: E731
+                    terms = diffusion.training_losses(fwd, x, t, noise)
                     loss = terms["loss"].mean()
                     (loss / a.grad_accum).backward()
                 terms_sum += torch.stack([loss.detach(), terms["mse"].mean().detach(),
