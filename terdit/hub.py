@@ -27,6 +27,7 @@ import os
 import re
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -297,6 +298,7 @@ class TerDiTHubMixin:
         from diffusers import ModelMixin
 
         out = Path(save_directory)
+        start = time.time()
         if getattr(self, "deploy_info", None):
             if kwargs.get("variant") or kwargs.get("safe_serialization") is False:
                 raise TerditError("a packed model saves as a deploy directory: variant and .bin do not apply")
@@ -304,9 +306,9 @@ class TerDiTHubMixin:
             _save_deploy(self, out)
         else:
             ModelMixin.save_pretrained(self, out, *args, **kwargs)
-        from terdit.io import atomic_write_text
+        (out / "README.md").write_text(model_card(self), encoding="utf-8")
+        follow_umask(out, since=start)
 
-        atomic_write_text(out / "README.md", model_card(self))
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
                     token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
@@ -320,6 +322,16 @@ class TerDiTHubMixin:
             self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, create_pr=create_pr,
                                      commit_message=commit_message or f"Upload {type(self).__name__}")
+
+
+def follow_umask(directory: Path, since: float) -> None:
+    """Give files written under `directory` since `since` (a time.time()) the usual mode 0666 & ~umask:
+    safetensors >= 0.5 writes its files 0600, so diffusers' save_pretrained leaves them unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since - 1:
+            path.chmod(0o666 & ~umask)
 
 
 def _short(e: Exception, limit: int = 300) -> str:

@@ -212,3 +212,14 @@ def test_weights_that_do_not_fit_the_config_are_a_user_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(TerditError, match="unknown keys"):
         TerDiT.from_pretrained(tmp_path / "m")
+
+
+def test_torch_dtype_applies_to_every_layout(run_dir, tmp_path):
+    """One call, every artefact, the dtype asked for: a training run, a pretrained folder, a packed deploy folder."""
+    TerDiT.from_pretrained(run_dir).save_pretrained(tmp_path / "pretrained")
+    export_model(load_run_model(run_dir), tmp_path / "deploy", "base3")
+    for path in (run_dir, tmp_path / "pretrained", tmp_path / "deploy"):
+        model = TerDiT.from_pretrained(path, torch_dtype=torch.bfloat16)
+        floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        assert floats == {torch.bfloat16} and model.dtype == torch.bfloat16, path
+        assert not model.training
