@@ -34,15 +34,15 @@ from urllib.parse import urlparse
 
 import torch
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (
+from huggingface_hub.utils import (  # huggingface_hub.utils: the errors' home in every supported version
     EntryNotFoundError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    validate_repo_id,
 )
-from huggingface_hub.utils import validate_repo_id
 
 from terdit.errors import TerditError
 from terdit.modelcard import model_card
@@ -51,6 +51,7 @@ CONFIG_FILE = "config.json"
 DEPLOY_WEIGHTS = "model.safetensors"  # a deploy directory's packed weights (terdit.deploy.format)
 PIPELINE_INDEX = "model_index.json"
 RELEASE_ARGS = "model_args.pth"
+META_INIT_THRESHOLD = 2**24  # depth * dim^2 above which terdit builds a model on the meta device (no random init)
 HUB_TIMEOUT = 3.0  # seconds to reach the Hub (TCP connect, DNS included) before treating it as offline
 
 _TRUE = {"1", "on", "yes", "true"}

@@ -28,12 +28,11 @@ tests/test_pipeline.py checks this.
 
 A pipeline folder (save_pretrained, diffusers' writer): model_index.json, transformer/ (TerDiT: config.json +
 diffusion_pytorch_model.safetensors, or a deploy directory), vae/ (AutoencoderKL), scheduler/
-(scheduler_config.json). Importing terdit registers TerDiTPipeline with diffusers, so
+(scheduler_config.json). Importing this module registers TerDiTPipeline with diffusers, so
 `DiffusionPipeline.from_pretrained(folder)` opens it.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: diffusers (0.33) reads TerDiTPipeline.__init__'s annotations as objects.
 import importlib.util
 import inspect
 import json
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from diffusers import ConfigMixin, DiffusionPipeline, SchedulerMixin
@@ -177,10 +176,10 @@ class TerDiTPipeline(DiffusionPipeline):
 
     def __init__(
         self,
-        transformer: nn.Module,
-        vae: nn.Module | None = None,
-        scheduler: Any = None,
-        id2label: dict[int, str] | None = None,
+        transformer: TerDiT,
+        vae: Optional[nn.Module] = None,  # noqa: UP045 - diffusers < 0.36 reads typing.Union, not X | None
+        scheduler: Optional[SchedulerMixin] = None,  # noqa: UP045
+        id2label: Optional[dict] = None,  # noqa: UP045
     ) -> None:
         super().__init__()
         if not hasattr(transformer, "config") or not hasattr(transformer.config, "num_classes"):
@@ -395,7 +394,7 @@ class TerDiTPipeline(DiffusionPipeline):
         device: str | torch.device | None = None,
         ema: bool = True,
         **kwargs: Any,
-    ) -> TerDiTPipeline:
+    ) -> "TerDiTPipeline":
         """A pipeline folder or Hub repo (model_index.json, read by diffusers' DiffusionPipeline.from_pretrained
         with all its keywords: torch_dtype, variant, ...), or any model TerDiT.from_pretrained opens (a run
         folder brings the VAE it was trained with). Components passed here replace the stored ones; `vae` and

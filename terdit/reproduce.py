@@ -730,8 +730,9 @@ def _savefig(fig, path: Path) -> None:
 
 
 def write_plots(results: dict[str, Any], out: Path) -> None:
-    import matplotlib
+    from terdit.extras import require
 
+    matplotlib = require("matplotlib", "the reproduction's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
