@@ -223,3 +223,14 @@ def test_torch_dtype_applies_to_every_layout(run_dir, tmp_path):
         floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
         assert floats == {torch.bfloat16} and model.dtype == torch.bfloat16, path
         assert not model.training
+
+
+def test_model_card_carries_the_models_facts(run_dir, tmp_path):
+    model = TerDiT.from_pretrained(run_dir)
+    model.save_pretrained(tmp_path / "m")
+    card = (tmp_path / "m" / "README.md").read_text()
+    counts = model.parameter_counts()
+    assert "More Information Needed" not in card and "arxiv.org/abs/2405.14854" in card
+    assert f"{counts['total']:,} total: {counts['ternary']:,} ternary" in card
+    assert "- steps: 3" in card and "DDIMScheduler, DiTPipeline" not in card  # a 10-class model: terdit's pipeline only
+    assert "TerDiTPipeline" in card and "1.58 of information" in card
