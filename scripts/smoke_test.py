@@ -34,6 +34,7 @@ def main() -> int:
                           progress=False, tensorboard=False)).run()
         model = TerDiT.from_pretrained(out / "run", torch_dtype=torch.bfloat16)
         assert model.dtype == torch.bfloat16, model.dtype
+        assert TerDiT.from_pretrained(out / "run", dtype="bf16").dtype == torch.bfloat16  # terdit's spelling
         model.float().save_pretrained(out / "pretrained", variant="fp32")
         again = TerDiT.from_pretrained(out / "pretrained", variant="fp32")
         again.enable_gradient_checkpointing()

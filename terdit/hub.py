@@ -259,7 +259,8 @@ class TerDiTHubMixin:
         """
         from diffusers import ModelMixin
 
-        unknown = sorted(set(kwargs) - diffusers_load_kwargs() - set(cls._get_init_keys(cls)))
+        known = diffusers_load_kwargs() | {"torch_dtype", "dtype"}  # dtype: diffusers >= 0.36's name, taken here
+        unknown = sorted(set(kwargs) - known - set(cls._get_init_keys(cls)))
         if unknown:
             raise TerditError(f"from_pretrained: unexpected keyword(s) {', '.join(unknown)}")
         dtype = _dtype(kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
