@@ -4,12 +4,12 @@
 # pin, check the environment is consistent, and run scripts/smoke_test.py there.
 #
 #   scripts/lowest_versions.sh [VENV_DIR]          (default: /tmp/terdit-lowest)
+#   RUN_TESTS=1 scripts/lowest_versions.sh         (then also the diffusers-facing test files)
 #
 # torch is the exception: its lower bound (2.6) would be a multi-GB CUDA download from PyPI, so the script
-# installs $TORCH_SPEC (default torch==2.13.0, the CPU build on this project's machines). Where the PyTorch
-# CPU index is reachable, prove the torch bound too:
-#   TORCH_SPEC="torch==2.6.0 --index-url https://download.pytorch.org/whl/cpu --extra-index-url https://pypi.org/simple" \
-#       scripts/lowest_versions.sh
+# installs $TORCH_SPEC (default torch==2.13.0, the CPU build on this project's machines). Where PyTorch's
+# CPU wheel index is reachable, prove the torch bound too, e.g.
+#   TORCH_SPEC="torch==2.6.0 --extra-index-url <PyTorch's CPU wheel index>" scripts/lowest_versions.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${1:-/tmp/terdit-lowest}"
@@ -40,3 +40,11 @@ python3 -m venv --clear "$VENV"
 "$VENV/bin/python" -m pip check
 cd "$VENV"  # away from the source tree: the installed terdit is the one imported
 OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" "$VENV/bin/python" "$ROOT/scripts/smoke_test.py"
+
+# RUN_TESTS=1: also run the diffusers-facing test files against these versions (pytest is not a dependency)
+if [ "${RUN_TESTS:-0}" = 1 ]; then
+    "$VENV/bin/python" -m pip install --quiet "pytest>=7"
+    cd "$ROOT"
+    OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" "$VENV/bin/python" -m pytest -p no:cacheprovider \
+        tests/test_diffusers_native.py tests/test_pipeline.py tests/test_hub.py tests/test_model.py
+fi
