@@ -55,3 +55,16 @@ def test_steps_per_second_leaves_out_sampling_pauses(tmp_path, monkeypatch):
                       sample_steps=2, progress=False, tensorboard=False)).run()
     rates = [json.loads(line)["steps_per_s"] for line in (run / "log.jsonl").read_text().splitlines()]
     assert len(rates) == 3 and min(rates[1:]) > 2.0  # counted with the pause, each would be below 1
+
+
+def test_without_the_extra_training_says_which_to_install_and_goes_on(tmp_path, monkeypatch, capsys):
+    import terdit.extras
+
+    monkeypatch.setattr(terdit.extras, "available", lambda module: module != "tensorboard")
+    run = tmp_path / "run"
+    Trainer(TrainArgs(out=str(run), config="TerDiT-Micro", steps=1, batch_size=8, sample_steps=2,
+                      progress=False)).run()
+    hint = [line for line in capsys.readouterr().out.splitlines() if "tensorboard" in line.lower()]
+    assert hint == ["terdit: TensorBoard logging off; TensorBoard logging needs tensorboard, which is not "
+                    "installed: pip install 'terdit[tensorboard]'"]
+    assert (run / "samples.png").is_file() and not (run / "tensorboard").exists()
