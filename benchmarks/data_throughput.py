@@ -74,7 +74,7 @@ def make_train_step(device: torch.device):
         x = x[..., :8, :8] if x.shape[-1] > 8 else x  # the Micro model sees 8x8 latents
         t = torch.randint(0, 1000, (x.shape[0],), device=device, generator=gen)
         noise = torch.randn(x.shape, device=device, generator=gen)
-        loss = diffusion.training_losses(lambda a, b: model(a, b, y), x, t, noise)["loss"].mean()
+        loss = diffusion.training_losses(lambda a, b: model(a, b, y, return_dict=False)[0], x, t, noise)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

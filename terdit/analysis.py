@@ -73,8 +73,9 @@ def adaln_scale_distribution(run: str | Path, block: int = 1, seed: int = 0, num
 
 
 def _boxplot(groups: dict[str, torch.Tensor], title: str, path: Path) -> None:
-    import matplotlib
+    from terdit.extras import require
 
+    matplotlib = require("matplotlib", "the analysis figures")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 from terdit.cliargs import add_device_args, add_overwrite_arg, finite_float, nonneg_float, nonneg_int, positive_int
 from terdit.errors import TerditError
@@ -18,8 +19,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="runs/digits", help="run folder to write")
     p.add_argument("--config", default="TerDiT-Digits", help="model config name (see `terdit configs`)")
-    p.add_argument("--no-ternary", dest="ternary", action="store_false",
-                   help="full-precision twin (Large-DiT: plain linears, no RMSNorm after adaLN)")
+    p.add_argument("--no-ternary", dest="ternary", action="store_false", default=argparse.SUPPRESS,
+                   help="full-precision twin (Large-DiT: plain linears, no RMSNorm after adaLN); "
+                        "default: ternary block linears")
     p.add_argument("--linear", choices=["fp", "ternary", "bitnet"], default=None,
                    help="block linears: fp, ternary (TerDiT) or bitnet (BitNet b1.58 baseline)")
     norm = p.add_mutually_exclusive_group()
@@ -120,7 +122,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     fields["precision"] = args.dtype
     last = train(TrainArgs(**fields))
     if last:
-        print(f"done: step {last['step']}, loss {last['loss']:.4f}; run in {args.out}")
+        samples = pathlib.Path(args.out) / "samples.png"
+        print(f"done: step {last['step']}, loss {last['loss']:.4f}; run in {args.out}"
+              + (f"; samples: {samples}" if samples.is_file() else ""))
     return 0
 
 

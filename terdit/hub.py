@@ -1,13 +1,14 @@
 """Hugging Face Hub integration: `TerDiT.save_pretrained` / `from_pretrained` / `push_to_hub`.
 
-TerDiT inherits `TerDiTHubMixin` (huggingface_hub's PyTorchModelHubMixin), so a model saves as the Hub's
-usual pair `config.json` (the TerDiTConfig fields) + `model.safetensors` and pushes with `push_to_hub`.
-`from_pretrained` takes more than the mixin's two layouts, so every artefact terdit writes opens in one call:
+TerDiT is a diffusers model (ModelMixin + ConfigMixin): save_pretrained writes diffusers' pair `config.json` +
+`diffusion_pytorch_model[.variant].safetensors` (plus terdit's model card) and from_pretrained takes all of
+diffusers' keywords. `TerDiTHubMixin` widens from_pretrained so every artefact terdit writes opens in one call,
+in the dtype asked for (`torch_dtype`):
 
     run folder        config.json + checkpoints/NNNNNNN/   EMA weights of the latest checkpoint (default)
     deploy directory  config.json with a "deploy" section  packed model (terdit.deploy.load_deployed)
     release directory model_args.pth + consolidated*.pth  packed model (the public checkpoints)
-    pretrained dir    config.json + model.safetensors     what save_pretrained writes
+    pretrained dir    config.json + diffusion_pytorch_model*.safetensors   what save_pretrained writes (diffusers)
     pipeline folder   model_index.json + transformer/      its transformer
     Hub repo id       owner/name holding a pretrained dir, a deploy directory or a pipeline folder
 
@@ -18,41 +19,50 @@ TerditError at once, not huggingface_hub's minute of retries. A local path never
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import json
 import os
+import re
 import socket
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from huggingface_hub import PyTorchModelHubMixin, constants, hf_hub_download, snapshot_download
-from huggingface_hub.errors import (
+from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+from huggingface_hub.utils import (  # huggingface_hub.utils: the errors' home in every supported version
     EntryNotFoundError,
     HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    validate_repo_id,
 )
-from huggingface_hub.utils import validate_repo_id
 
 from terdit.errors import TerditError
-from terdit.models.configs import TerDiTConfig
+from terdit.modelcard import model_card
 
 CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+DEPLOY_WEIGHTS = "model.safetensors"  # a deploy directory's packed weights (terdit.deploy.format)
 PIPELINE_INDEX = "model_index.json"
 RELEASE_ARGS = "model_args.pth"
+META_INIT_THRESHOLD = 2**24  # depth * dim^2 above which terdit builds a model on the meta device (no random init)
 HUB_TIMEOUT = 3.0  # seconds to reach the Hub (TCP connect, DNS included) before treating it as offline
 
-META_INIT_THRESHOLD = 2**24  # depth * dim^2 above which from_pretrained skips the random init
-PAPER_URL = "https://arxiv.org/abs/2405.14854"
 _TRUE = {"1", "on", "yes", "true"}
 
 
 # -- what a local path is -----------------------------------------------------------------------------
+def has_weights(path: Path) -> bool:
+    """A diffusers weights file (any variant, sharded or not) or terdit's deploy file."""
+    return any(path.glob("diffusion_pytorch_model*.safetensors")) or any(path.glob("diffusion_pytorch_model*.bin"))
+
+
 def path_kind(path: str | Path) -> str | None:
     """'run' | 'deploy' | 'release' | 'pipeline' | 'pretrained' for a local directory terdit can open, else None."""
     from terdit.deploy.format import is_deploy_dir
@@ -69,7 +79,7 @@ def path_kind(path: str | Path) -> str | None:
         return "release"
     if (p / PIPELINE_INDEX).is_file() and (p / "transformer").is_dir():
         return "pipeline"
-    if (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file():
+    if (p / CONFIG_FILE).is_file() and has_weights(p):
         return "pretrained"
     return None
 
@@ -179,7 +189,8 @@ def hub_snapshot(repo_id: str, allow_patterns: list[str], *, local_files_only: b
 
 def resolve_model_dir(name_or_path: str | Path, *, subfolder: str | None = None, local_files_only: bool = False,
                       **hub_kwargs: Any) -> Path:
-    """A local directory for a path or a Hub repo id (downloading config.json and the weights file)."""
+    """A local directory for a path or a Hub repo id (downloading config.json and the safetensors weights:
+    every variant of diffusers' file, or terdit's deploy file)."""
     name = str(name_or_path)
     local = Path(name).expanduser()
     if local.exists():
@@ -195,24 +206,38 @@ def resolve_model_dir(name_or_path: str | Path, *, subfolder: str | None = None,
     config = _download(name, prefix + CONFIG_FILE, offline, **hub_kwargs)
     if config is None:
         raise TerditError(f"{name}: the Hub repository has no {prefix}{CONFIG_FILE} (not a terdit model)")
-    if _download(name, prefix + WEIGHTS_FILE, offline, **hub_kwargs) is None:
-        raise TerditError(f"{name}: the Hub repository has no {prefix}{WEIGHTS_FILE}")
-    return config.parent
+    patterns = [prefix + DEPLOY_WEIGHTS, prefix + "diffusion_pytorch_model*.safetensors", prefix + CONFIG_FILE]
+    try:
+        root = Path(snapshot_download(name, allow_patterns=patterns, local_files_only=offline is not None,
+                                      etag_timeout=HUB_TIMEOUT, **hub_kwargs))
+    except _HUB_ERRORS as e:
+        raise _hub_error(name, "the weights", e, offline) from e
+    directory = root / prefix if prefix else root
+    if not (has_weights(directory) or (directory / DEPLOY_WEIGHTS).is_file()):
+        raise TerditError(f"{name}: the Hub repository has no weights in {prefix or './'}")
+    return directory
 
 
-# -- the mixin ----------------------------------------------------------------------------------------------
-class TerDiTHubMixin(
-    PyTorchModelHubMixin,
-    library_name="terdit",
-    paper_url=PAPER_URL,
-    tags=["terdit", "diffusion", "ternary", "class-conditional-image-generation"],
-):
-    """save_pretrained / push_to_hub through huggingface_hub; from_pretrained for every terdit layout.
+# -- the model mixin -------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def diffusers_load_kwargs() -> frozenset[str]:
+    """The keywords diffusers' ModelMixin.from_pretrained understands (read from its source, so that this stays
+    true across diffusers versions): anything else given to from_pretrained is a mistake, not to be dropped."""
+    from diffusers import ModelMixin
+
+    return frozenset(re.findall(r'kwargs\.pop\(\s*"(\w+)"', inspect.getsource(ModelMixin.from_pretrained)))
+
+
+_TERDIT_LAYOUT_KWARGS = frozenset({"torch_dtype", "dtype", "subfolder", "local_files_only", "revision", "cache_dir",
+                                   "force_download", "token", "low_cpu_mem_usage", "use_safetensors"})
+
+
+class TerDiTHubMixin:
+    """`from_pretrained` for every terdit layout on top of diffusers' ModelMixin (which TerDiT also inherits),
+    and save_pretrained / push_to_hub that keep a packed model packed and write terdit's model card.
 
     A model loaded from a deploy directory (packed ternary layers) saves back as a deploy directory.
     """
-
-    config: TerDiTConfig
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
@@ -221,104 +246,138 @@ class TerDiTHubMixin(
         *,
         ema: bool = True,
         checkpoint: str | Path | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
         policy: str = "memory",
-        subfolder: str | None = None,
-        force_download: bool = False,
-        token: str | bool | None = None,
-        cache_dir: str | Path | None = None,
-        local_files_only: bool = False,
-        revision: str | None = None,
-        **model_kwargs: Any,
+        **kwargs: Any,
     ):
         """A TerDiT in eval mode from a run folder, deploy/release/pretrained/pipeline directory or Hub repo id.
 
-        `ema`, `checkpoint`: which weights of a run folder; `dtype`: compute dtype (float tensors of a deploy
-        directory default to fp32); `policy`: PackedLinear policy of packed models ("memory" or "speed").
+        Every keyword of diffusers' ModelMixin.from_pretrained works for pretrained folders (`torch_dtype`,
+        `variant`, `subfolder`, `use_safetensors`, `device_map`, ...); `torch_dtype` (or `dtype`, also "bf16")
+        applies to every layout. terdit's own: `ema`, `checkpoint` (which weights of a run folder), `device`,
+        `policy` (PackedLinear policy of packed models: "memory" or "speed"). An unknown keyword is a TerditError.
         """
-        hub_kwargs = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token)
+        from diffusers import ModelMixin
+
+        known = diffusers_load_kwargs() | {"torch_dtype", "dtype"}  # dtype: diffusers >= 0.36's name, taken here
+        unknown = sorted(set(kwargs) - known - set(cls._get_init_keys(cls)))
+        if unknown:
+            raise TerditError(f"from_pretrained: unexpected keyword(s) {', '.join(unknown)}")
+        dtype = _dtype(kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None))
+        subfolder = kwargs.pop("subfolder", None)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "force_download", "token") if k in kwargs}
         path = resolve_model_dir(pretrained_model_name_or_path, subfolder=subfolder,
-                                 local_files_only=local_files_only, **hub_kwargs)
+                                 local_files_only=bool(kwargs.get("local_files_only")), **hub_kwargs)
         kind = path_kind(path)
         if kind == "pipeline":
             path, kind = path / "transformer", path_kind(path / "transformer")
-        if kind == "run":
-            from terdit.run import load_run_model
-
-            model = load_run_model(path, ema=ema, checkpoint=checkpoint, device=str(device))
-            return model.to(_dtype(dtype)) if dtype is not None else model
-        if kind in ("deploy", "release"):
-            from terdit.deploy import load_deployed
-
-            return load_deployed(path, device=device, dtype=_dtype(dtype) or torch.float32, policy=policy)
+        if kind in ("run", "deploy", "release"):
+            extra = sorted(set(kwargs) - _TERDIT_LAYOUT_KWARGS)
+            if extra:
+                raise TerditError(f"{path}: {', '.join(extra)} do(es) not apply to a {kind} folder")
+            return _load_terdit_layout(path, kind, ema=ema, checkpoint=checkpoint, device=device or "cpu",
+                                       dtype=dtype, policy=policy)
         if kind != "pretrained":
             raise TerditError(
                 f"{path}: not a terdit model directory (expected a run folder, a deploy directory, "
-                f"a pipeline folder, or {CONFIG_FILE} + {WEIGHTS_FILE})"
+                f"a pipeline folder, or {CONFIG_FILE} + diffusion_pytorch_model.safetensors)"
             )
-        # The mixin reads config.json and hands it to _from_pretrained; the path is local, so no network.
-        return super().from_pretrained(path, local_files_only=True, map_location=str(device), dtype=dtype,
-                                       **model_kwargs)
+        _check_config_keys(cls, path / CONFIG_FILE)
+        kwargs["local_files_only"] = True  # resolved to a local directory above: no network from here on
+        # without accelerate diffusers falls back to a full init and warns; choose the fallback up front
+        kwargs.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
+        try:
+            model = ModelMixin.from_pretrained.__func__(cls, str(path), torch_dtype=dtype, **kwargs)
+        except (RuntimeError, ValueError) as e:  # shapes that do not fit, missing tensors
+            raise TerditError(f"{path}: the weights file does not match {CONFIG_FILE} ({_short(e)})") from e
+        except OSError as e:  # e.g. a variant or file type the folder lacks
+            raise TerditError(f"{path}: {_short(e)}") from e
+        return model.to(device) if device is not None else model
 
-    @classmethod
-    def _from_pretrained(  # type: ignore[override]
-        cls,
-        *,
-        model_id: str,
-        config: dict[str, Any] | TerDiTConfig | None = None,
-        map_location: str = "cpu",
-        dtype: torch.dtype | str | None = None,
-        strict: bool = True,
-        **_hub: Any,
-    ):
-        """Build from config.json on the meta device and assign the saved tensors (no random init)."""
-        from terdit.io import load_tensors
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' save_pretrained (config.json + diffusion_pytorch_model[.variant].safetensors) plus terdit's
+        model card (README.md); a packed model writes a deploy directory instead."""
+        from diffusers import ModelMixin
 
-        if config is None:
-            raise TerditError(f"{model_id}: no {CONFIG_FILE}")
-        cfg = config if isinstance(config, TerDiTConfig) else TerDiTConfig.from_dict(dict(config))
-        # Large models are built on the meta device (no random init, no second copy of the weights); small
-        # ones on the CPU, as meta-device init imports torch._dynamo, which takes longer than they do.
-        big = cfg.depth * cfg.dim * cfg.dim > META_INIT_THRESHOLD
-        with torch.device("meta" if big else "cpu"):
-            model = cls(cfg)  # type: ignore[call-arg]
-        state = load_tensors(Path(model_id) / WEIGHTS_FILE, device=map_location)
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        bad = [k for k in expected if k in state and state[k].shape != expected[k].shape]
-        if (strict and (missing or unexpected)) or bad:
-            raise TerditError(
-                f"{model_id}/{WEIGHTS_FILE}: does not match {CONFIG_FILE} "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {bad[:3]})"
-            )
-        model.load_state_dict(state, strict=strict, assign=True)
-        if dtype is not None:
-            model.to(_dtype(dtype))
-        return model.eval()
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        """config.json + model.safetensors; packed models write a deploy directory (same two file names)."""
-        from terdit.io import atomic_write_text, save_tensors
-
-        info = getattr(self, "deploy_info", None)
-        if info:
-            from terdit.deploy.export import deploy_tensors
-            from terdit.deploy.format import DeployInfo, parse_dtype
-
-            deploy = DeployInfo(**info)
-            tensors, table, int8_keys = deploy_tensors(
-                self, deploy.format, parse_dtype(deploy.dtype), int8=bool(deploy.int8_rows)
-            )
-            deploy.packed, deploy.int8_rows = table, int8_keys
-            save_tensors(save_directory / WEIGHTS_FILE, tensors,
-                         metadata={"format": deploy.format, "terdit_deploy": str(deploy.version)})
-            payload = {**self.config.to_dict(), "deploy": deploy.to_dict()}
+        out = Path(save_directory)
+        start = time.time()
+        if getattr(self, "deploy_info", None):
+            if kwargs.get("variant") or kwargs.get("safe_serialization") is False:
+                raise TerditError("a packed model saves as a deploy directory: variant and .bin do not apply")
+            out.mkdir(parents=True, exist_ok=True)
+            _save_deploy(self, out)
         else:
-            save_tensors(save_directory / WEIGHTS_FILE, self.state_dict(), metadata={"format": "pt"})
-            payload = self.config.to_dict()
-        atomic_write_text(save_directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
+            ModelMixin.save_pretrained(self, out, *args, **kwargs)
+        (out / "README.md").write_text(model_card(self), encoding="utf-8")
+        follow_umask(out, since=start)
+
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None,
+                    token: str | None = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: str | None = None) -> str:
+        """save_pretrained into a temporary folder (with terdit's model card) and upload it as one commit."""
+        import tempfile
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, create_pr=create_pr,
+                                     commit_message=commit_message or f"Upload {type(self).__name__}")
+
+
+def follow_umask(directory: Path, since: float) -> None:
+    """Give files written under `directory` since `since` (a time.time()) the usual mode 0666 & ~umask:
+    safetensors >= 0.5 writes its files 0600, so diffusers' save_pretrained leaves them unreadable to others."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since - 1:
+            path.chmod(0o666 & ~umask)
+
+
+def _short(e: Exception, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _check_config_keys(cls: type, path: Path) -> None:
+    """diffusers warns about unknown config.json keys and goes on; for a TerDiT that is a foreign file."""
+    from terdit.io import read_json
+
+    config = read_json(path)
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in cls._get_init_keys(cls))
+    if unknown:
+        raise TerditError(f"{path}: unknown keys {unknown} (not a TerDiT config)")
+
+
+def _load_terdit_layout(path: Path, kind: str, *, ema: bool, checkpoint: str | Path | None,
+                        device: str | torch.device, dtype: torch.dtype | None, policy: str):
+    if kind == "run":
+        from terdit.run import load_run_model, load_train_args
+
+        model = load_run_model(path, ema=ema, checkpoint=checkpoint, device=str(device))
+        model.training_info = load_train_args(path)
+        return model.to(dtype) if dtype is not None else model
+    from terdit.deploy import load_deployed
+
+    return load_deployed(path, device=device, dtype=dtype or torch.float32, policy=policy)
+
+
+def _save_deploy(model: Any, directory: Path) -> None:
+    """config.json with its "deploy" section + model.safetensors with the packed layers."""
+    from terdit.deploy.export import deploy_tensors
+    from terdit.deploy.format import DeployInfo, parse_dtype
+    from terdit.io import atomic_write_text, save_tensors
+
+    deploy = DeployInfo(**model.deploy_info)
+    tensors, table, int8_keys = deploy_tensors(model, deploy.format, parse_dtype(deploy.dtype),
+                                               int8=bool(deploy.int8_rows))
+    deploy.packed, deploy.int8_rows = table, int8_keys
+    save_tensors(directory / DEPLOY_WEIGHTS, tensors,
+                 metadata={"format": deploy.format, "terdit_deploy": str(deploy.version)})
+    payload = {**model.config.to_dict(), "deploy": deploy.to_dict()}
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
 
 
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

@@ -67,8 +67,9 @@ def resolve(path_or_name: str) -> dict[str, Any]:
             raw = json.loads((path / "config.json").read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise TerditError(f"{path / 'config.json'}: not readable JSON ({e})") from e
-        cfg = TerDiTConfig.from_dict(raw)
-        return {"kind": "pretrained", "path": str(path), "config": cfg, "weights": path / "model.safetensors",
+        cfg = TerDiTConfig.from_model_config(raw)  # diffusers' config.json (sample_size, out_channels, _class_name)
+        weights = next(iter(sorted(path.glob("diffusion_pytorch_model*.safetensors"))), None)
+        return {"kind": "pretrained", "path": str(path), "config": cfg, "weights": weights,
                 "deploy": None, "downsample": downsample or _default_downsample(cfg)}
     if kind == "release":
         raise TerditError(f"{path}: a public release directory; convert it first (`terdit convert`) to inspect it")

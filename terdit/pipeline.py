@@ -1,13 +1,18 @@
-"""`TerDiTPipeline`: class labels -> images, in the shape of a diffusers pipeline.
+"""`TerDiTPipeline`: class labels -> images, a diffusers DiffusionPipeline.
 
     pipe = TerDiTPipeline.from_pretrained("runs/imagenet256")          # or a pipeline folder / Hub repo id
     images = pipe(["golden retriever", 207], guidance_scale=4.0, generator=torch.Generator().manual_seed(0)).images
 
-Components: `transformer` (a TerDiT, packed or not), `vae` (a diffusers AutoencoderKL, or None for
-pixel-space models such as digits) and `scheduler`: None or a `GaussianDiffusionSampler` runs terdit's own
-sampler (DiT's respaced DDPM / DDIM, the reference), or any diffusers scheduler; `diffusers_scheduler()` builds
-DDPM, DDIM and DPM-Solver with TerDiT's training schedule. Guidance is terdit's `guided_model_fn` (on the eps
-channels; the variance channels come from the conditional pass).
+diffusers' own DiTPipeline also runs a 1000-class TerDiT (it reads sample_size / in_channels / out_channels and
+uses class 1000 as the null class); this pipeline is for what DiTPipeline cannot do: the learned variance,
+pixel-space models without a VAE, other class counts, class names, guidance of 3 channels (`guide_channels`).
+
+Components: `transformer` (a TerDiT, packed or not), `vae` (a diffusers AutoencoderKL, or None for pixel-space
+models such as digits) and `scheduler`: a `GaussianDiffusionSampler` (the default) runs terdit's own sampler
+(DiT's respaced DDPM / DDIM, the reference), or any DDPM-family diffusers scheduler; `diffusers_scheduler()`
+builds DDPM, DDIM and DPM-Solver with TerDiT's training schedule. Schedulers the pipeline cannot drive (flow
+matching, non-eps prediction) are refused when the pipeline is built. Guidance is terdit's `guided_model_fn`
+(on the eps channels; the variance channels come from the conditional pass).
 
 What each diffusers scheduler is given: DDPMScheduler with variance_type "learned"/"learned_range" takes the
 whole output (eps and the variance interpolation v) and splits it itself; every other scheduler takes eps
@@ -21,30 +26,33 @@ float64 (differences ~1e-6 relative), and it draws per-step noise from the gener
 last, exactly as our sampler consumes it, so both give the same samples for the same generator.
 tests/test_pipeline.py checks this.
 
-A pipeline folder (save_pretrained) is diffusers-shaped: model_index.json, transformer/ (TerDiT
-save_pretrained: config.json + model.safetensors, or a deploy directory), vae/ (AutoencoderKL) and
-scheduler/ (scheduler_config.json).
+A pipeline folder (save_pretrained, diffusers' writer): model_index.json, transformer/ (TerDiT: config.json +
+diffusion_pytorch_model.safetensors, or a deploy directory), vae/ (AutoencoderKL), scheduler/
+(scheduler_config.json). Importing this module registers TerDiTPipeline with diffusers, so
+`DiffusionPipeline.from_pretrained(folder)` opens it.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: diffusers (0.33) reads TerDiTPipeline.__init__'s annotations as objects.
+import importlib.util
 import inspect
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
+from diffusers import ConfigMixin, DiffusionPipeline, SchedulerMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from terdit.diffusion import GaussianDiffusion, guided_model_fn
 from terdit.errors import TerditError
-from terdit.io import atomic_write_text, read_json
 from terdit.models.terdit import TerDiT
 
 MODEL_INDEX = "model_index.json"
@@ -75,24 +83,37 @@ def label_lookup(id2label: dict[int, str]) -> dict[str, list[int]]:
 
 
 # -- terdit's own sampler as a pipeline component --------------------------------------------------------------
-@dataclass
-class GaussianDiffusionSampler:
-    """Marks "use terdit's GaussianDiffusion" (DiT's sampler) in a pipeline; saves like a diffusers scheduler."""
+class GaussianDiffusionSampler(SchedulerMixin, ConfigMixin):
+    """Marks "use terdit's GaussianDiffusion" (DiT's respaced DDPM / DDIM, the reference) as a pipeline's scheduler.
 
-    sampler: str = "ddpm"
-    eta: float = 0.0
+    A diffusers scheduler class only so that pipelines save, load and swap it like one: its config carries
+    TerDiT's training schedule, so `DDIMScheduler.from_config(pipe.scheduler.config)` gets the right betas.
+    The sampling itself is GaussianDiffusion's (TerDiTPipeline runs its steps)."""
 
-    def __post_init__(self) -> None:
-        if self.sampler not in ("ddpm", "ddim"):
-            raise TerditError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
+    config_name = SCHEDULER_CONFIG
+    order = 1
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        config = {"_class_name": type(self).__name__, "_library": "terdit", "sampler": self.sampler, "eta": self.eta}
-        atomic_write_text(Path(directory) / SCHEDULER_CONFIG, json.dumps(config, indent=2) + "\n")
+    @register_to_config
+    def __init__(self, sampler: str = "ddpm", eta: float = 0.0, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+                 beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                 prediction_type: str = "epsilon", timestep_spacing: str = "linspace",
+                 clip_sample: bool = False) -> None:
+        if sampler not in ("ddpm", "ddim"):
+            raise TerditError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+        # timestep_spacing is recorded for schedulers built from this config; GaussianDiffusion respaces as DiT does
+        schedule = dict(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
+                        beta_end=beta_end, prediction_type=prediction_type)
+        expected = {k: v for k, v in SCHEDULE.items() if k in schedule}
+        if schedule != expected:
+            raise TerditError(f"GaussianDiffusionSampler runs TerDiT's training schedule {expected}, got {schedule}")
 
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> GaussianDiffusionSampler:
-        return cls(sampler=config.get("sampler", "ddpm"), eta=float(config.get("eta", 0.0)))
+    @property
+    def sampler(self) -> str:
+        return self.config.sampler
+
+    @property
+    def eta(self) -> float:
+        return float(self.config.eta)
 
 
 def diffusers_scheduler(name: str = "DDPMScheduler", **overrides: Any):
@@ -115,49 +136,61 @@ def diffusers_scheduler(name: str = "DDPMScheduler", **overrides: Any):
     return cls(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def _load_scheduler(directory: Path):
-    path = directory / SCHEDULER_CONFIG
-    if not path.is_file():
-        raise TerditError(f"{directory}: no {SCHEDULER_CONFIG}")
-    config = read_json(path)
-    name = config.get("_class_name")
-    if name == GaussianDiffusionSampler.__name__:
-        return GaussianDiffusionSampler.from_config(config)
-    import diffusers
-
-    cls = getattr(diffusers, str(name), None)
-    if cls is None or not hasattr(cls, "from_config"):
-        raise TerditError(f"{path}: unknown scheduler class {name!r}")
-    return cls.from_config(config)
+def check_scheduler(scheduler: Any) -> None:
+    """Refuse what the pipeline cannot drive: it needs a discrete-time, eps-predicting noise scheduler
+    (one with alphas_cumprod); flow matching and v/x0 prediction would fail, or sample wrongly, later."""
+    if isinstance(scheduler, GaussianDiffusionSampler):
+        return
+    name = type(scheduler).__name__
+    if not hasattr(scheduler, "step") or not hasattr(scheduler, "set_timesteps"):
+        raise TerditError(f"scheduler: expected a diffusers scheduler or GaussianDiffusionSampler, got {name}")
+    if not hasattr(scheduler, "alphas_cumprod"):
+        raise TerditError(f"scheduler: {name} is not a DDPM-family noise scheduler (flow matching?); TerDiT is a "
+                          "discrete-time eps model: use DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, ...")
+    prediction = getattr(scheduler.config, "prediction_type", "epsilon")
+    if prediction != "epsilon":
+        raise TerditError(f"scheduler: {name} has prediction_type={prediction!r}; TerDiT predicts 'epsilon'")
 
 
 @dataclass
-class TerDiTPipelineOutput:
-    """`images`: a list of PIL images, an (N, H, W, C) float array in [0, 1], an (N, C, H, W) tensor in
-    [0, 1] ("pt"), or the model-space latents ("latent")."""
+class TerDiTPipelineOutput(BaseOutput):
+    """`images`: a list of PIL images, an (N, H, W, C) float array in [0, 1] ("np"), an (N, C, H, W) tensor
+    in [0, 1] ("pt"), or the model-space latents ("latent")."""
 
     images: Any
 
-    def __getitem__(self, i: int) -> Any:  # tuple-like, as diffusers' outputs
-        return (self.images,)[i]
 
+class TerDiTPipeline(DiffusionPipeline):
+    """Class-conditional sampling with a TerDiT, a VAE (optional: pixel-space models have none) and a scheduler.
 
-class TerDiTPipeline:
-    """Class-conditional sampling with a TerDiT, a VAE (optional) and a scheduler."""
+    A diffusers DiffusionPipeline: `to(dtype / device)`, `components`, `set_progress_bar_config`,
+    `enable_model_cpu_offload`, `save_pretrained`, `push_to_hub`, `DiffusionPipeline.from_pretrained` all work.
+    What it adds over diffusers' DiTPipeline: the learned variance (DDPMScheduler with "learned_range", or
+    terdit's own sampler), any class count, class names, `guide_channels`, models without a VAE.
+    """
+
+    model_cpu_offload_seq = "transformer->vae"
+    # both may be left out: no VAE for pixel-space models; the scheduler defaults to GaussianDiffusionSampler
+    _optional_components = ["vae", "scheduler"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
-        transformer: nn.Module,
-        vae: nn.Module | None = None,
-        scheduler: Any = None,
-        id2label: dict[int, str] | None = None,
+        transformer: TerDiT,
+        vae: Optional[nn.Module] = None,  # noqa: UP045 - diffusers < 0.36 reads typing.Union, not X | None
+        scheduler: Optional[SchedulerMixin] = None,  # noqa: UP045
+        id2label: Optional[dict] = None,  # noqa: UP045
     ) -> None:
-        if not hasattr(transformer, "config"):
-            raise TerditError("transformer: expected a TerDiT (a module with a .config)")
-        self.transformer = transformer
-        self.vae = vae
-        self.scheduler = scheduler if scheduler is not None else GaussianDiffusionSampler()
-        self.custom_id2label = {int(k): str(v) for k, v in id2label.items()} if id2label is not None else None
+        super().__init__()
+        if not hasattr(transformer, "config") or not hasattr(transformer.config, "num_classes"):
+            raise TerditError("transformer: expected a TerDiT")
+        scheduler = scheduler if scheduler is not None else GaussianDiffusionSampler()
+        check_scheduler(scheduler)
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler)
+        table = {int(k): str(v) for k, v in id2label.items()} if id2label else None
+        self.register_to_config(id2label=table)
+        self.custom_id2label = table
+
 
     # -- labels ---------------------------------------------------------------------------------------------
     @property
@@ -203,100 +236,121 @@ class TerDiTPipeline:
             raise TerditError("no class labels given")
         return ids
 
-    # -- devices ----------------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> TerDiTPipeline:
-        self.transformer.to(device=device, dtype=dtype)
-        if self.vae is not None:
-            self.vae.to(device=device, dtype=dtype)
-        return self
-
     # -- sampling ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
         self,
         class_labels: int | str | Sequence[int | str] | torch.Tensor,
         guidance_scale: float = 4.0,
-        num_inference_steps: int = 250,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
         output_type: str = "pil",
-        guide_channels: int | None = None,
         return_dict: bool = True,
-        progress: bool = False,
+        *,
+        num_images_per_prompt: int = 1,
+        latents: torch.Tensor | None = None,
+        guide_channels: int | None = None,
+        callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> TerDiTPipelineOutput | tuple:
-        """Sample one image per label (ids, or names from `id2label`). Initial and per-step noise come from
-        `generator` (a CPU generator: terdit's sampler draws on the CPU so results do not depend on the device).
-        `guide_channels=3` reproduces the public DiT code's guidance of 3 of 4 latent channels (default: all)."""
+        """Sample `num_images_per_prompt` images per label (ImageNet-style ids, or names from `id2label`).
+
+        Arguments and defaults as diffusers' DiTPipeline; guidance applies when guidance_scale != 1 (DiT: > 1).
+        `generator`: one generator, or one per image; initial noise is drawn on the generator's device
+        (CPU generators give device-independent results). `latents`: the initial noise instead.
+        `guide_channels=3` reproduces the public DiT code's guidance of 3 of 4 latent channels (default: all).
+        `callback_on_step_end(pipe, i, t, {"latents": ...})` may return replaced latents."""
         if output_type not in OUTPUT_TYPES:
             raise TerditError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
         if guidance_scale < 0:
             raise TerditError(f"guidance_scale must be >= 0, got {guidance_scale}")
         if not 1 <= num_inference_steps <= NUM_TRAIN_TIMESTEPS:
             raise TerditError(f"num_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_inference_steps}")
+        if num_images_per_prompt < 1:
+            raise TerditError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise TerditError(f"callback_on_step_end_tensor_inputs: only {self._callback_tensor_inputs}, got {bad}")
+        check_scheduler(self.scheduler)
         cfg = self.transformer.config
         if self.vae is None and output_type != "latent" and cfg.in_channels not in (1, 3):
             raise TerditError(f"the model works in a {cfg.in_channels}-channel latent space: pass vae=... to the "
                               "pipeline, or output_type='latent'")
-        if generator is None:
-            generator = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
-        elif generator.device.type != "cpu":
-            raise TerditError("generator must be a CPU torch.Generator")
-        ids = self.get_label_ids(class_labels)
-        from terdit.deploy.labels import map_labels  # ImageNet ids -> a released model's own class order
-
-        device = self.device
-        labels = map_labels(self.transformer, torch.tensor(ids, dtype=torch.long)).to(device)
-        shape = (len(ids), cfg.in_channels, cfg.input_size, cfg.input_size)
+        ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
         null_rows = self.transformer.y_embedder.embedding_table.num_embeddings > cfg.num_classes
         if guidance_scale != 1.0 and not null_rows:
             raise TerditError("this model has no null class (class_dropout_prob = 0): use guidance_scale=1")
+        if isinstance(generator, list) and len(generator) != len(ids):
+            raise TerditError(f"got {len(generator)} generators for {len(ids)} images")
+
+        generator = _or_fresh(generator)
+        device, dtype = self._execution_device, self.transformer.dtype
+        shape = (len(ids), cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise TerditError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+        x = latents.to(device, dtype)
+        # ImageNet-style ids: a released model maps them to its own class order itself (TerDiT.model_labels)
+        labels = torch.tensor(ids, dtype=torch.long, device=device)
         fn = guided_model_fn(self.transformer, labels, guidance_scale, cfg.num_classes, guide_channels)
         was_training = self.transformer.training
         self.transformer.eval()
         try:
-            if isinstance(self.scheduler, GaussianDiffusionSampler):
-                latents = self._sample_terdit(fn, shape, num_inference_steps, generator, progress)
-            else:
-                latents = self._sample_diffusers(fn, shape, num_inference_steps, generator, progress)
+            steps = self._steps(num_inference_steps, x, device)
+            if not isinstance(self.scheduler, GaussianDiffusionSampler):
+                x = x * self.scheduler.init_noise_sigma  # the initial noise in the scheduler's scale
+            self._num_timesteps = len(steps)
+            for i, (t, step) in enumerate(self.progress_bar(steps)):
+                x = step(fn, x, generator)
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, t, {"latents": x}) or {}
+                    x = out.get("latents", x)
         finally:
             self.transformer.train(was_training)
-        images = self._postprocess(latents, output_type)
-        return TerDiTPipelineOutput(images) if return_dict else (images,)
+        images = self._postprocess(x, output_type)
+        self.maybe_free_model_hooks()
+        return TerDiTPipelineOutput(images=images) if return_dict else (images,)
 
-    def _model_dtype(self) -> torch.dtype:
-        dtype = next(self.transformer.parameters()).dtype
-        return dtype if dtype.is_floating_point else torch.float32
-
-    def _sample_terdit(self, fn, shape, steps: int, generator: torch.Generator, progress: bool) -> torch.Tensor:
-        noise = torch.randn(shape, generator=generator).to(self.device, self._model_dtype())
-        diffusion = GaussianDiffusion.create(steps, learn_sigma=self.transformer.config.learn_sigma)
-        s = self.scheduler
-        return diffusion.sample(fn, noise, sampler=s.sampler, eta=s.eta, generator=generator, progress=progress)
-
-    def _sample_diffusers(self, fn, shape, steps: int, generator: torch.Generator, progress: bool) -> torch.Tensor:
+    def _steps(self, num_inference_steps: int, x: torch.Tensor, device: torch.device) -> list[tuple[Any, Callable]]:
+        """(timestep, step function) pairs for the scheduler: terdit's respaced GaussianDiffusion or diffusers'."""
         sched = self.scheduler
-        channels = shape[1]
-        variance = getattr(sched.config, "variance_type", None)
+        if isinstance(sched, GaussianDiffusionSampler):
+            diffusion = GaussianDiffusion.create(num_inference_steps, learn_sigma=self.transformer.config.learn_sigma)
+
+            def terdit_step(i: int):
+                def step(fn, x, generator):
+                    z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
+                    z = z.to(x.dtype)
+                    if sched.sampler == "ddpm":
+                        return diffusion.ddpm_step(fn, x, i, z)
+                    return diffusion.ddim_step(fn, x, i, z, sched.eta)
+                return step
+
+            order = range(diffusion.num_timesteps - 1, -1, -1)
+            return [(int(diffusion.timestep_map[i]), terdit_step(i)) for i in order]
+        channels = x.shape[1]
+        # a config may carry keys of the scheduler it was made from (DDIM from DDPM's): ask only what __init__ takes
+        own = "variance_type" in inspect.signature(type(sched).__init__).parameters
+        variance = getattr(sched.config, "variance_type", None) if own else None
         learned = variance in ("learned", "learned_range")
         full_output = learned and type(sched).__name__ == "DDPMScheduler" and self.transformer.config.learn_sigma
         if learned and not full_output and channels != 3:
             raise TerditError(f"{type(sched).__name__} with variance_type={variance!r} keeps only the first 3 "
                               "output channels; configure it with variance_type=None (it is given eps)")
-        step_params = inspect.signature(sched.step).parameters
-        sched.set_timesteps(steps, device=self.device)
-        dtype = self._model_dtype()
-        x = torch.randn(shape, generator=generator).to(self.device, dtype) * sched.init_noise_sigma
-        for t in tqdm(sched.timesteps, desc="sampling", disable=not progress, leave=False):
-            x_in = sched.scale_model_input(x, t)
-            tt = torch.full((shape[0],), int(t), device=self.device, dtype=torch.long)
-            out = fn(x_in, tt)
-            model_output = out if full_output else out[:, :channels]
-            kwargs = {"generator": generator} if "generator" in step_params else {}
-            x = sched.step(model_output.float(), t, x.float(), **kwargs).prev_sample.to(dtype)
-        return x
+        takes_generator = "generator" in inspect.signature(sched.step).parameters
+        sched.set_timesteps(num_inference_steps, device=device)
+
+        def diffusers_step(t):
+            def step(fn, x, generator):
+                x_in = sched.scale_model_input(x, t)
+                out = fn(x_in, torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long))
+                model_output = out if full_output else out[:, :channels]
+                kwargs = {"generator": generator} if takes_generator else {}
+                return sched.step(model_output.float(), t, x.float(), **kwargs).prev_sample.to(x.dtype)
+            return step
+
+        return [(t, diffusers_step(t)) for t in sched.timesteps]
 
     def _postprocess(self, latents: torch.Tensor, output_type: str) -> Any:
         latents = latents.float()
@@ -319,113 +373,97 @@ class TerDiTPipeline:
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
 
     # -- folders ---------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """model_index.json + transformer/ + vae/ + scheduler/, diffusers' layout."""
-        import diffusers
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' save_pretrained (model_index.json + one folder per component), files given the umask's mode."""
+        import time
 
-        from terdit import __version__
+        from terdit.hub import follow_umask
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.transformer.save_pretrained(out / "transformer")
-        index: dict[str, Any] = {
-            "_class_name": type(self).__name__,
-            "_terdit_version": __version__,
-            "_diffusers_version": diffusers.__version__,
-            "transformer": ["terdit", type(self.transformer).__name__],
-            "vae": [None, None],
-            "scheduler": [None, None],
-            "id2label": {str(k): v for k, v in self.custom_id2label.items()} if self.custom_id2label else None,
-        }
-        if self.vae is not None:
-            self.vae.save_pretrained(out / "vae")
-            index["vae"] = [type(self.vae).__module__.split(".")[0], type(self.vae).__name__]
-        (out / "scheduler").mkdir(exist_ok=True)
-        self.scheduler.save_pretrained(out / "scheduler")
-        lib = "terdit" if isinstance(self.scheduler, GaussianDiffusionSampler) else "diffusers"
-        index["scheduler"] = [lib, type(self.scheduler).__name__]
-        atomic_write_text(out / MODEL_INDEX, json.dumps(index, indent=2) + "\n")
-        return out
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    commit_message: str = "Upload TerDiTPipeline") -> str:
-        """save_pretrained into a temporary folder and upload it as one commit."""
-        import tempfile
-
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        repo_id = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, commit_message=commit_message)
+        start = time.time()
+        super().save_pretrained(save_directory, *args, **kwargs)
+        follow_umask(Path(save_directory), since=start)
 
     @classmethod
-    def from_pretrained(
+    def from_pretrained(  # type: ignore[override]
         cls,
-        path_or_repo_id: str | Path,
+        pretrained_model_name_or_path: str | Path,
         *,
-        transformer: nn.Module | None = None,
         vae: nn.Module | None | str = "auto",
         scheduler: Any = "auto",
         id2label: dict[int, str] | None = None,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype | str | None = None,
+        device: str | torch.device | None = None,
         ema: bool = True,
-        local_files_only: bool = False,
-        **hub_kwargs: Any,
-    ) -> TerDiTPipeline:
-        """A pipeline folder or Hub repo (model_index.json), or any model TerDiT.from_pretrained opens (a run
-        folder brings the VAE it was trained with). Components passed here replace the stored ones."""
-        from terdit.hub import _looks_local, hub_snapshot, path_kind
+        **kwargs: Any,
+    ) -> "TerDiTPipeline":
+        """A pipeline folder or Hub repo (model_index.json, read by diffusers' DiffusionPipeline.from_pretrained
+        with all its keywords: torch_dtype, variant, ...), or any model TerDiT.from_pretrained opens (a run
+        folder brings the VAE it was trained with). Components passed here replace the stored ones; `vae` and
+        `scheduler` may also be names ("stabilityai/sd-vae-ft-ema"; "ddpm" / "ddim" / a diffusers class name)."""
+        from terdit.hub import _dtype, _looks_local, hub_snapshot, path_kind
 
-        name = str(path_or_repo_id)
+        dtype = _dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None))  # also "bf16"
+        if dtype is not None:  # diffusers >= 0.36 names it dtype (torch_dtype is deprecated), older ones torch_dtype
+            kwargs[_pipeline_dtype_keyword()] = dtype
+        name = str(pretrained_model_name_or_path)
         local = Path(name).expanduser()
         if not local.exists() and not _looks_local(name):
-            patterns = [MODEL_INDEX, "transformer/*", "vae/*", "scheduler/*", "config.json", "model.safetensors"]
-            local = hub_snapshot(name, patterns, local_files_only=local_files_only, **hub_kwargs)
+            hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "force_download", "token") if k in kwargs}
+            patterns = [MODEL_INDEX, "transformer/*", "vae/*", "scheduler/*", "config.json", "*.safetensors"]
+            local = hub_snapshot(name, patterns, local_files_only=bool(kwargs.pop("local_files_only", False)),
+                                 **hub_kwargs)
         elif not local.exists():
             raise TerditError(f"{name}: no such directory (and not a Hub repo id like owner/name)")
+        overrides: dict[str, Any] = {}
+        if not (isinstance(vae, str) and vae == "auto"):
+            overrides["vae"] = _named_vae(vae)
+        if not (isinstance(scheduler, str) and scheduler == "auto"):
+            overrides["scheduler"] = _named_scheduler(scheduler)
+        if id2label is not None:
+            overrides["id2label"] = id2label
+        # without accelerate diffusers falls back to a full init and warns; choose the fallback up front
+        kwargs.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
         kind = path_kind(local)
-        index: dict[str, Any] = {}
         if kind == "pipeline":
-            try:
-                index = json.loads((local / MODEL_INDEX).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise TerditError(f"{local / MODEL_INDEX}: not readable JSON ({e})") from e
-        if transformer is None:
-            transformer = TerDiT.from_pretrained(local, ema=ema, device=device, dtype=dtype)
-        if isinstance(vae, str) and vae == "auto":
-            vae = _stored_vae(local, kind, index, device)
-        elif isinstance(vae, str):
-            from terdit.data.vae import load_vae
-
-            vae = load_vae(vae, device=device).model
-        if isinstance(scheduler, str) and scheduler == "auto":
-            scheduler = _load_scheduler(local / "scheduler") if (local / "scheduler").is_dir() else None
-        elif isinstance(scheduler, str):
-            scheduler = GaussianDiffusionSampler(scheduler) if scheduler in ("ddpm", "ddim") \
-                else diffusers_scheduler(scheduler)
-        if id2label is None and index.get("id2label"):
-            id2label = {int(k): v for k, v in index["id2label"].items()}
-        return cls(transformer, vae, scheduler, id2label)
+            kwargs.pop("local_files_only", None)
+            pipe = DiffusionPipeline.from_pretrained.__func__(cls, str(local), local_files_only=True,
+                                                              **overrides, **kwargs)
+            return pipe.to(device) if device is not None else pipe
+        transformer = kwargs.pop("transformer", None) or TerDiT.from_pretrained(local, ema=ema, device=device,
+                                                                                **kwargs)
+        if "vae" not in overrides:
+            overrides["vae"] = _stored_vae(local, kind, device or "cpu")
+        return cls(transformer, overrides.get("vae"), overrides.get("scheduler"), overrides.get("id2label"))
 
 
-def _stored_vae(local: Path, kind: str | None, index: dict[str, Any], device: str | torch.device):
-    """The VAE of a pipeline folder (vae/) or the one a training run was trained with; None for pixel models."""
-    if kind == "pipeline":
-        if not (local / "vae").is_dir() or index.get("vae", [None])[0] is None:
-            return None
-        import importlib.util
+@lru_cache(maxsize=1)
+def _pipeline_dtype_keyword() -> str:
+    source = inspect.getsource(DiffusionPipeline.from_pretrained)
+    return "dtype" if 'kwargs.pop("dtype"' in source else "torch_dtype"
 
-        from diffusers import AutoencoderKL
 
-        # low_cpu_mem_usage needs accelerate; saying so up front avoids diffusers' warning when it is absent
-        low_mem = importlib.util.find_spec("accelerate") is not None
-        try:
-            return AutoencoderKL.from_pretrained(local / "vae", low_cpu_mem_usage=low_mem).to(device)
-        except (OSError, ValueError) as e:
-            raise TerditError(f"{local / 'vae'}: cannot load the VAE ({e})") from e
+def _named_vae(vae: nn.Module | None | str) -> nn.Module | None:
+    if not isinstance(vae, str):
+        return vae
+    from terdit.data.vae import load_vae
+
+    return load_vae(vae).model
+
+
+def _named_scheduler(scheduler: Any) -> Any:
+    if not isinstance(scheduler, str):
+        return scheduler
+    return GaussianDiffusionSampler(scheduler) if scheduler in ("ddpm", "ddim") else diffusers_scheduler(scheduler)
+
+
+def _or_fresh(generator: torch.Generator | list[torch.Generator] | None) -> torch.Generator | list[torch.Generator]:
+    """A generator as given, or a freshly seeded CPU one (so that one run's noise is all from one stream)."""
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,)).item()))
+
+
+def _stored_vae(local: Path, kind: str | None, device: str | torch.device):
+    """The VAE a training run was trained with; None for pixel models and bare model folders."""
     if kind == "run":
         from terdit.run import load_train_args
 
@@ -435,6 +473,18 @@ def _stored_vae(local: Path, kind: str | None, index: dict[str, Any], device: st
 
             return load_vae(spec, device=device).model
     return None
+
+
+def _register_with_diffusers() -> None:
+    """DiffusionPipeline.from_pretrained finds a folder's pipeline class by its name in the diffusers package;
+    make TerDiTPipeline findable there once terdit is imported."""
+    import diffusers
+
+    if getattr(diffusers, TerDiTPipeline.__name__, None) is not TerDiTPipeline:
+        setattr(diffusers, TerDiTPipeline.__name__, TerDiTPipeline)
+
+
+_register_with_diffusers()
 
 
 __all__ = ["GaussianDiffusionSampler", "TerDiTPipeline", "TerDiTPipelineOutput", "diffusers_scheduler",

@@ -389,7 +389,7 @@ class Evaluator:
         for lo in range(0, len(z), 128):
             x, e = z[lo:lo + 128].to(self.device), noise[lo:lo + 128].to(self.device)
             y, t = self.eval_y[lo:lo + 128].to(self.device), self.eval_t[lo:lo + 128].to(self.device)
-            terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y), x, t, e)
+            terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y, return_dict=False)[0], x, t, e)
             total += float(terms["loss"].sum())
         return total / len(z)
 
@@ -730,8 +730,9 @@ def _savefig(fig, path: Path) -> None:
 
 
 def write_plots(results: dict[str, Any], out: Path) -> None:
-    import matplotlib
+    from terdit.extras import require
 
+    matplotlib = require("matplotlib", "the reproduction's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

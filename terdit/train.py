@@ -136,8 +136,9 @@ class TrainArgs:
 
 
 def _derived_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of the keys (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
+    """A 63-bit seed that is a pure function of the keys (numpy's SeedSequence hashing); shifted as a Python int,
+    as numpy 1.x has no uint64 >> int."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 _DATA_ORDER, _STEP_NOISE = 1, 2  # distinct key spaces for the two uses
@@ -387,7 +388,7 @@ class Trainer:
     def _loss(self, model: nn.Module, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor,
               noise: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The training terms of one micro-batch ("loss", "mse", optionally "vb"); subclasses may replace it."""
-        return diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y), x, t, noise)
+        return diffusion.training_losses(lambda xt, tt: model(xt, tt, y, return_dict=False)[0], x, t, noise)
 
     def _run(self) -> dict[str, Any]:
         a, d = self.args, self.dist
@@ -436,10 +437,11 @@ class Trainer:
 
         bar = tqdm(total=a.steps, initial=self.start_step, desc="train", disable=not (a.progress and d.is_main),
                    dynamic_ncols=True)
-        t_last, steps_since, last = time.perf_counter(), 0, {}
+        busy, steps_since, last = 0.0, 0, {}  # busy: seconds spent in training steps (no sampling, no saving)
         self._ckpt_time = time.monotonic()
         stopped = 0
         for step in range(self.start_step, a.steps):
+            t_step = time.perf_counter()
             lr = a.lr_after_drop if a.lr_drop_step is not None and step >= a.lr_drop_step else a.lr
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -467,20 +469,20 @@ class Trainer:
             opt.step()
             opt.zero_grad(set_to_none=True)
             ema_update(ema, model, decay)
+            busy += time.perf_counter() - t_step
 
             done = step + 1
             steps_since += 1
             if done % a.log_every == 0 or done == a.steps:
                 vals = mean_across(terms_sum / a.grad_accum, d).tolist()
-                now = time.perf_counter()
-                sps = steps_since / max(now - t_last, 1e-9)
-                t_last, steps_since = now, 0
+                sps = steps_since / max(busy, 1e-9)
+                busy, steps_since = 0.0, 0
                 gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 last = {"step": done, "loss": vals[0], "mse": vals[1], "vb": vals[2], "lr": lr,
                         "grad_norm": gn, "steps_per_s": sps, "images_per_s": sps * a.batch_size}
                 if d.is_main:
                     self._log(last, writer)
-                    bar.set_postfix(loss=f"{vals[0]:.4f}", it_s=f"{sps:.1f}")
+                    bar.set_postfix(loss=f"{vals[0]:.4f}")  # the rate: tqdm's own it/s, one number
             bar.update(1)
             fault_point(f"train-step:{done}")
             stopped, timed = self._agreed_flags(done)
@@ -577,10 +579,13 @@ class Trainer:
     def _tensorboard(self):
         if not self.args.tensorboard:
             return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # pragma: no cover - tensorboard is a dependency
+        from terdit.extras import available, install_hint
+
+        if not available("tensorboard"):  # an optional extra: train on without it, saying so once
+            tqdm.write("terdit: TensorBoard logging off; " + install_hint("tensorboard", "TensorBoard logging"))
             return None
+        from torch.utils.tensorboard import SummaryWriter
+
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def _log(self, entry: dict[str, Any], writer) -> None:
@@ -589,6 +594,8 @@ class Trainer:
         if writer is not None:
             for key in ("loss", "mse", "vb", "lr", "grad_norm", "steps_per_s", "images_per_s"):
                 writer.add_scalar(f"train/{key}", entry[key], entry["step"])
+            if entry["step"] == self.args.steps:  # the run's settings next to its final metrics (HPARAMS tab)
+                _log_hparams(writer, self.args, {f"final/{k}": entry[k] for k in ("loss", "mse", "vb")})
 
     def _truncate_log(self, step: int) -> None:
         """Drop log lines written after the checkpoint we resume from (they will be written again), and a
@@ -644,13 +651,30 @@ class Trainer:
         n_cls = min(cfg.num_classes, 10)
         per = 8 if cfg.input_size <= 16 else 2
         labels = [c for c in range(n_cls) for _ in range(per)]
+        final = step == a.steps and path.name == "samples.png"  # minutes on CPU: show a bar (training's is closed)
         images = sample_latents(ema, labels, cfg_scale=a.sample_cfg, steps=a.sample_steps, seed=a.seed,
-                                device=self.device)
+                                device=self.device, progress=a.progress and final)
         if self._decode is not None:
             images = self._decode(images)
         save_grid(images, path, nrow=per)
-        if writer is not None:
-            writer.add_image("samples", make_grid(to_uint8(images), per), step, dataformats="HWC")
+        if writer is not None and getattr(self, "_grid_logged_at", None) != step:  # once per sampling point
+            arr = to_uint8(images)
+            # enlarged as samples.png is (8x8 digits are unreadable at 1:1 in TensorBoard)
+            writer.add_image("samples", make_grid(arr, per, upscale=max(1, 64 // arr.shape[1])), step,
+                             dataformats="HWC")
+            self._grid_logged_at = step
+
+
+def _log_hparams(writer, args: TrainArgs, metrics: dict[str, float]) -> None:
+    """TensorBoard hparams in the run's own event file (SummaryWriter.add_hparams would start a second run)."""
+    from torch.utils.tensorboard.summary import hparams
+
+    settings = {k: (v if isinstance(v, (bool, int, float, str)) else str(v))
+                for k, v in dataclasses.asdict(args).items()}
+    for summary in hparams(settings, metrics):
+        writer.file_writer.add_summary(summary)
+    for key, value in metrics.items():
+        writer.add_scalar(key, value, args.steps)
 
 
 def train(args: TrainArgs) -> dict[str, Any]:

@@ -32,5 +32,5 @@ def test_bitnet_variant_drops_block_norms_and_trains():
     keys = model.state_dict().keys()
     assert not any("attention_norm" in k or "ffn_norm" in k or "adaLN_modulation.2" in k for k in keys)
     assert len(model.ternary_layers()) == 2 * 8
-    out = model(torch.randn(2, 4, 8, 8), torch.tensor([1, 900]), torch.tensor([0, 1]))
+    out = model(torch.randn(2, 4, 8, 8), torch.tensor([1, 900]), torch.tensor([0, 1])).sample
     assert out.shape == (2, 8, 8, 8)

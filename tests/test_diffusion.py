@@ -59,7 +59,7 @@ def test_ddpm_step_matches_float64_posterior(i):
     x = torch.randn(2, 4, 8, 8)
     y = torch.tensor([1, 7])
     z = torch.randn(2, 4, 8, 8)
-    out = model(x, torch.full((2,), keep[i]), y).double()
+    out = model(x, torch.full((2,), keep[i]), y).sample.double()
     eps, v = out[:, :4].numpy(), out[:, 4:].numpy()
     xt = x.double().numpy()
     # the DDPM posterior q(x_{t-1} | x_t, x0) with x0 predicted from eps
@@ -70,7 +70,7 @@ def test_ddpm_step_matches_float64_posterior(i):
     frac = (v + 1) / 2
     log_var = frac * np.log(b[i]) + (1 - frac) * min_log
     ref = mean if i == 0 else mean + np.exp(0.5 * log_var) * z.double().numpy()
-    got = d.ddpm_step(lambda a, t: model(a, t, y), x, i, z)
+    got = d.ddpm_step(lambda a, t: model(a, t, y).sample, x, i, z)
     assert np.allclose(got.double().numpy(), ref, atol=2e-5)
 
 
@@ -79,12 +79,12 @@ def test_ddim_step_matches_formula():
     d = GaussianDiffusion.create(50)
     keep, _, acp, acp_prev = _schedule64(50)
     x, y, z, i, eta = torch.randn(2, 4, 8, 8), torch.tensor([0, 3]), torch.randn(2, 4, 8, 8), 30, 0.5
-    eps = model(x, torch.full((2,), keep[i]), y)[:, :4].double().numpy()
+    eps = model(x, torch.full((2,), keep[i]), y).sample[:, :4].double().numpy()
     xt = x.double().numpy()
     x0 = (xt - np.sqrt(1 - acp[i]) * eps) / np.sqrt(acp[i])
     sigma = eta * np.sqrt((1 - acp_prev[i]) / (1 - acp[i])) * np.sqrt(1 - acp[i] / acp_prev[i])
     ref = np.sqrt(acp_prev[i]) * x0 + np.sqrt(1 - acp_prev[i] - sigma**2) * eps + sigma * z.double().numpy()
-    got = d.ddim_step(lambda a, t: model(a, t, y), x, i, z, eta=eta)
+    got = d.ddim_step(lambda a, t: model(a, t, y).sample, x, i, z, eta=eta)
     assert np.allclose(got.double().numpy(), ref, atol=2e-5)
 
 
@@ -94,13 +94,13 @@ def test_training_loss_terms():
     x0, noise = torch.randn(3, 4, 8, 8).clamp(-1, 1), torch.randn(3, 4, 8, 8)
     t = torch.tensor([0, 5, 900])
     y = torch.tensor([1, 2, 3])
-    terms = d.training_losses(lambda a, tt: model(a, tt, y), x0, t, noise)
-    eps = model(d.q_sample(x0, t, noise), t, y)[:, :4]
+    terms = d.training_losses(lambda a, tt: model(a, tt, y).sample, x0, t, noise)
+    eps = model(d.q_sample(x0, t, noise), t, y).sample[:, :4]
     assert torch.allclose(terms["mse"], ((noise - eps) ** 2).mean(dim=(1, 2, 3)), atol=1e-6)
     assert torch.allclose(terms["loss"], terms["mse"] + terms["vb"])
     assert (terms["vb"] >= -1e-6).all()
     # the VB term trains only the variance channels: no gradient reaches eps through it
-    out = model(d.q_sample(x0, t, noise), t, y).detach().requires_grad_(True)
+    out = model(d.q_sample(x0, t, noise), t, y).sample.detach().requires_grad_(True)
     d.vb_bits(torch.cat([out[:, :4].detach(), out[:, 4:]], 1), x0, d.q_sample(x0, t, noise), t).sum().backward()
     assert out.grad is None or out.grad[:, :4].abs().sum() == 0
 
@@ -108,7 +108,7 @@ def test_training_loss_terms():
 def test_classifier_free_guidance():
     model = _trained_like_micro(3)
     x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([500, 500]), torch.tensor([2, 5])
-    cond, uncond = model(x, t, y), model(x, t, torch.tensor([10, 10]))
+    cond, uncond = model(x, t, y).sample, model(x, t, torch.tensor([10, 10])).sample
     guided = guided_model_fn(model, y, 4.0, 10)(x, t)
     assert torch.allclose(guided[:, :4], uncond[:, :4] + 4.0 * (cond[:, :4] - uncond[:, :4]), atol=1e-5)
     assert torch.allclose(guided[:, 4:], cond[:, 4:], atol=1e-6)
@@ -133,5 +133,5 @@ def test_single_step_sampling_with_fixed_variance():
     model = TerDiT(get_config("TerDiT-Micro", learn_sigma=False)).eval().requires_grad_(False)
     d = GaussianDiffusion.create(1, learn_sigma=False)
     assert d.timestep_map.tolist() == [999]
-    out = d.sample(lambda x, t: model(x, t, torch.tensor([1])), torch.randn(1, 4, 8, 8))
+    out = d.sample(lambda x, t: model(x, t, torch.tensor([1])).sample, torch.randn(1, 4, 8, 8))
     assert torch.isfinite(out).all()

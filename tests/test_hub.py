@@ -30,7 +30,7 @@ def forward(model: torch.nn.Module) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
     with torch.no_grad():
-        return model(x, torch.tensor([0, 500, 999]), torch.tensor([1, 2, cfg.num_classes]))
+        return model(x, torch.tensor([0, 500, 999]), torch.tensor([1, 2, cfg.num_classes])).sample
 
 
 @pytest.fixture(scope="module")
@@ -41,13 +41,18 @@ def run_dir(tmp_path_factory) -> Path:
     return out
 
 
+def _public(config) -> dict:
+    return {k: v for k, v in dict(config).items() if not k.startswith("_")}
+
+
 def test_save_pretrained_writes_the_hub_pair_and_loads_back_identically(tmp_path):
     model = random_model()
     model.save_pretrained(tmp_path / "m")
-    assert json.loads((tmp_path / "m" / "config.json").read_text()) == model.config.to_dict()
-    saved = load_tensors(tmp_path / "m" / "model.safetensors")
+    written = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert written["_class_name"] == "TerDiT" and _public(written) == _public(model.config)
+    saved = load_tensors(tmp_path / "m" / "diffusion_pytorch_model.safetensors")
     assert saved.keys() == model.state_dict().keys()
-    assert "library_name: terdit" in (tmp_path / "m" / "README.md").read_text()  # the mixin's model card
+    assert "library_name: terdit" in (tmp_path / "m" / "README.md").read_text()  # terdit's model card
 
     loaded = TerDiT.from_pretrained(tmp_path / "m")
     assert isinstance(loaded, TerDiT) and not loaded.training
@@ -104,8 +109,6 @@ def test_pipeline_folder_opens_its_transformer(tmp_path):
 
 
 def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
-    import huggingface_hub.hub_mixin as mixin
-
     uploaded: dict[str, object] = {}
 
     class FakeApi:
@@ -120,15 +123,15 @@ def test_push_to_hub_uploads_what_save_pretrained_writes(monkeypatch):
             uploaded["repo"] = repo_id
             uploaded["files"] = sorted(p.name for p in folder.iterdir())
             uploaded["config"] = json.loads((folder / "config.json").read_text())
-            uploaded["weights"] = load_tensors(folder / "model.safetensors")
+            uploaded["weights"] = load_tensors(folder / "diffusion_pytorch_model.safetensors")
             return "https://example.invalid/commit/1"
 
-    monkeypatch.setattr(mixin, "HfApi", FakeApi)
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
     model = random_model()
     assert model.push_to_hub("me/terdit-micro") == "https://example.invalid/commit/1"
     assert uploaded["repo"] == "me/terdit-micro"
-    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
-    assert uploaded["config"] == model.config.to_dict()
+    assert uploaded["files"] == ["README.md", "config.json", "diffusion_pytorch_model.safetensors"]
+    assert _public(uploaded["config"]) == _public(model.config)
     assert all(torch.equal(uploaded["weights"][k], v) for k, v in model.state_dict().items())
 
 
@@ -209,3 +212,25 @@ def test_weights_that_do_not_fit_the_config_are_a_user_error(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(config))
     with pytest.raises(TerditError, match="unknown keys"):
         TerDiT.from_pretrained(tmp_path / "m")
+
+
+def test_torch_dtype_applies_to_every_layout(run_dir, tmp_path):
+    """One call, every artefact, the dtype asked for: a training run, a pretrained folder, a packed deploy folder."""
+    TerDiT.from_pretrained(run_dir).save_pretrained(tmp_path / "pretrained")
+    export_model(load_run_model(run_dir), tmp_path / "deploy", "base3")
+    for path in (run_dir, tmp_path / "pretrained", tmp_path / "deploy"):
+        model = TerDiT.from_pretrained(path, torch_dtype=torch.bfloat16)
+        floats = {p.dtype for p in model.parameters() if p.is_floating_point()}
+        assert floats == {torch.bfloat16} and model.dtype == torch.bfloat16, path
+        assert not model.training
+
+
+def test_model_card_carries_the_models_facts(run_dir, tmp_path):
+    model = TerDiT.from_pretrained(run_dir)
+    model.save_pretrained(tmp_path / "m")
+    card = (tmp_path / "m" / "README.md").read_text()
+    counts = model.parameter_counts()
+    assert "More Information Needed" not in card and "arxiv.org/abs/2405.14854" in card
+    assert f"{counts['total']:,} total: {counts['ternary']:,} ternary" in card
+    assert "- steps: 3" in card and "DDIMScheduler, DiTPipeline" not in card  # a 10-class model: terdit's pipeline only
+    assert "TerDiTPipeline" in card and "1.58 of information" in card

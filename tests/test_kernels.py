@@ -13,7 +13,7 @@ import os
 import torch
 
 if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # also in conftest.py: diffusers imports triton early
 
 import pytest  # noqa: E402
 
@@ -208,10 +208,10 @@ def test_deployed_model_with_kernels(micro_dir, kernels_on, monkeypatch):
     t, y = torch.tensor([10, 900], device=DEVICE), torch.tensor([1, cfg.num_classes], device=DEVICE)
     monkeypatch.setenv("TERDIT_NO_KERNELS", "1")
     with torch.no_grad():
-        ref = model(x, t, y)
+        ref = model(x, t, y).sample
     monkeypatch.delenv("TERDIT_NO_KERNELS")
     with torch.no_grad():
-        out = model(x, t, y)
+        out = model(x, t, y).sample
     assert len(kernels_on) == 2 * 8  # every ternary linear of both blocks: 4 attention, 3 FFN, adaLN
     assert set(kernels_on) == {2, 32}  # adaLN rows (skinny kernel) and token rows (tiled kernel)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

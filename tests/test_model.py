@@ -132,13 +132,13 @@ def test_ternary_model_equals_fp_model_with_dequantized_weights():
     fp.load_state_dict(state)
     x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([0, 500, 999]), torch.tensor([1, 2, 10])
     tern.eval(), fp.eval()
-    assert torch.allclose(tern(x, t, y), fp(x, t, y), atol=1e-5)
+    assert torch.allclose(tern(x, t, y).sample, fp(x, t, y).sample, atol=1e-5)
 
 
 def test_forward_shapes_label_dropout_and_zero_init():
     model = TerDiT(get_config("TerDiT-Micro"))
     x = torch.randn(4, 4, 8, 8)
-    out = model(x, torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,)))
+    out = model(x, torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))).sample
     assert out.shape == (4, 8, 8, 8)
     assert torch.count_nonzero(out) == 0  # adaLN-Zero: the output layer starts at zero
     emb = model.y_embedder
@@ -152,7 +152,8 @@ def test_gradients_reach_alpha_and_latent_weights():
     model = TerDiT(get_config("TerDiT-Micro"))
     x = torch.randn(4, 4, 8, 8)
     for _ in range(3):  # adaLN-Zero: step 1 moves the output layer, step 2 the adaLN, step 3 the rest
-        loss = F.mse_loss(model(x, torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))), torch.randn(4, 8, 8, 8))
+        out = model(x, torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))).sample
+        loss = F.mse_loss(out, torch.randn(4, 8, 8, 8))
         model.zero_grad()
         loss.backward()
         with torch.no_grad():

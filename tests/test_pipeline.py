@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler
-from random_models import random_micro
+from diffusers import DDPMScheduler
+from random_models import random_micro, tiny_vae
 
 from terdit.diffusion import GaussianDiffusion, guided_model_fn, linear_betas, spaced_timesteps
 from terdit.errors import TerditError
@@ -27,14 +27,6 @@ SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"]
 
 def random_model(seed: int = 0, **overrides) -> TerDiT:
     return random_micro(seed, std=0.02, **overrides)
-
-
-def tiny_vae() -> AutoencoderKL:
-    """A random two-level AutoencoderKL: 4 latent channels, 2x downsampling (8x8 latents <-> 16x16 images)."""
-    torch.manual_seed(0)
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-                         latent_channels=4, norm_num_groups=4, sample_size=16).eval()
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -200,9 +192,9 @@ def test_pipeline_save_and_load_gives_identical_outputs(tmp_path, scheduler):
     pipe = TerDiTPipeline(random_model(), tiny_vae(), sched, id2label={i: f"c{i}" for i in range(10)})
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["transformer"] == ["terdit", "TerDiT"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    assert index["transformer"] == ["terdit.models.terdit", "TerDiT"] and index["vae"] == ["diffusers", "AutoencoderKL"]
     assert index["scheduler"][1] == type(sched).__name__
-    for sub, name in [("transformer", "model.safetensors"), ("vae", "config.json"),
+    for sub, name in [("transformer", "diffusion_pytorch_model.safetensors"), ("vae", "config.json"),
                       ("scheduler", "scheduler_config.json")]:
         assert (tmp_path / "pipe" / sub / name).is_file()
 

@@ -57,6 +57,9 @@ def auto_register() -> list[str]:
     if os.environ.get("TERDIT_NO_KERNELS") == "1" or not torch.cuda.is_available():
         return []
     if importlib.util.find_spec("triton") is None:
+        from terdit.extras import install_hint
+
+        warnings.warn("terdit: " + install_hint("triton", "Fast packed layers on CUDA"), stacklevel=2)
         return []
     try:
         from terdit.deploy.triton_kernels import enable_triton_kernels

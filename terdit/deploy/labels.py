@@ -2,8 +2,10 @@
 
 The released TerDiT checkpoints were trained on image folders named "0".."999" read in sorted order, so
 their class index for ImageNet id i is the rank of str(i) in lexicographic order (e.g. 89 -> 878,
-475 -> 418). `map_labels` turns ImageNet ids into the indices a model expects; sampling calls it so that
-`--classes 207` means ImageNet class 207 for every model. The null (CFG) class is left unchanged.
+475 -> 418). The permutation belongs to the model: a loaded release has `config.label_permutation`, and its
+forward (TerDiT.model_labels -> `permute_labels`) maps ImageNet ids itself, so `--classes 207`, terdit's
+pipeline and diffusers' DiTPipeline all mean ImageNet class 207 for every model. `map_labels` does the same
+for a deploy config read without a model. The null (CFG) class is left unchanged.
 """
 
 from __future__ import annotations
@@ -25,14 +27,10 @@ def lexicographic_permutation(num_classes: int) -> torch.Tensor:
 
 
 def label_permutation_of(source: Any) -> tuple[str | None, int]:
-    """(permutation name or None, num_classes) of a model from `load_deployed` (other models: none), a
-    deploy config.json dict or its "deploy" section, or None."""
-    if source is None:
+    """(permutation name or None, num_classes) of a deploy config.json dict or its "deploy" section; a model
+    (which permutes its labels in forward) or None has none."""
+    if source is None or isinstance(source, torch.nn.Module):
         return None, 1000
-    if isinstance(source, torch.nn.Module):
-        info = getattr(source, "deploy_info", None) or {}
-        config = getattr(source, "config", None)
-        return info.get("label_permutation"), int(getattr(config, "num_classes", 1000))
     if isinstance(source, Mapping):
         deploy = source.get("deploy", source)
         return deploy.get("label_permutation"), int(source.get("num_classes", 1000))
@@ -40,11 +38,16 @@ def label_permutation_of(source: Any) -> tuple[str | None, int]:
 
 
 def map_labels(source: Any, labels: torch.Tensor) -> torch.Tensor:
-    """ImageNet ids -> the model's class indices. `source`: a model from `load_deployed` (or any model:
-    no permutation), a deploy config.json dict, or None. Labels equal to num_classes (null) pass through."""
+    """ImageNet ids -> the class indices of a deploy config.json dict's model. For a model (or None) this is
+    the identity: a TerDiT applies its own permutation in forward. Labels equal to num_classes pass through."""
     perm_name, n = label_permutation_of(source)
     if perm_name is None:
         return labels
+    return permute_labels(perm_name, n, labels)
+
+
+def permute_labels(perm_name: str, n: int, labels: torch.Tensor) -> torch.Tensor:
+    """ImageNet ids (0..n-1, or n for the null class) -> indices in the named class order."""
     if perm_name != "lexicographic":
         raise TerditError(f"unknown label permutation {perm_name!r}")
     if bool(((labels < 0) | (labels > n)).any()):

@@ -210,6 +210,7 @@ def load_deployed(
     model = build_model(config, info.format, device, dt, policy)
     fill_model(model, source, info)
     model.deploy_info = info.to_dict()
+    model.register_to_config(label_permutation=info.label_permutation)  # forward maps ImageNet ids itself
     model.eval().requires_grad_(False)
     release_free_heap()
     if _malloc_trim() is not None and info.format in FORMATS:  # full-precision models never unpack

@@ -23,12 +23,12 @@ def guided_model_fn(
     channels. scale == 1 skips the unconditional pass.
     """
     if scale == 1.0:
-        return lambda x, t: model(x, t, labels)
+        return lambda x, t: model(x, t, labels, return_dict=False)[0]
     null = torch.full_like(labels, null_class)
     y = torch.cat([labels, null])
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = model(torch.cat([x, x]), torch.cat([t, t]), y)
+        out = model(torch.cat([x, x]), torch.cat([t, t]), y, return_dict=False)[0]
         cond, uncond = out.chunk(2)
         k = x.shape[1] if guide_channels is None else guide_channels
         guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])

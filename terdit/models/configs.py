@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffusers.configuration_utils import FrozenDict
+
 from terdit.errors import TerditError
+
+MODEL_ONLY_KEYS = ("label_permutation",)  # model config keys that are not TerDiTConfig fields
 
 
 @dataclass
@@ -78,6 +83,27 @@ class TerDiTConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def model_kwargs(self) -> dict[str, Any]:
+        """The TerDiT (diffusers) config: `sample_size` for input_size, `out_channels` for learn_sigma."""
+        d = self.to_dict()
+        d["sample_size"] = d.pop("input_size")
+        del d["learn_sigma"]
+        d["out_channels"] = self.out_channels
+        return d
+
+    @classmethod
+    def from_model_config(cls, config: Mapping[str, Any]) -> TerDiTConfig:
+        """The inverse of model_kwargs (private `_...` keys and `label_permutation`, which is not architecture,
+        are skipped); out_channels must be in_channels or 2 * in_channels (learned variance)."""
+        d = {k: v for k, v in config.items() if not k.startswith("_") and k not in MODEL_ONLY_KEYS}
+        d["input_size"] = d.pop("sample_size", cls.input_size)
+        in_ch = d.get("in_channels", cls.in_channels)
+        out_ch = d.pop("out_channels", None)
+        if out_ch not in (None, in_ch, 2 * in_ch):
+            raise TerditError(f"config: out_channels must be in_channels ({in_ch}) or twice it, got {out_ch}")
+        d["learn_sigma"] = out_ch is None or out_ch == 2 * in_ch
+        return cls.from_dict(d)
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TerDiTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
@@ -97,6 +123,35 @@ class TerDiTConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, TypeError) as e:
             raise TerditError(f"{path}: not a readable terdit config ({e})") from e
+
+
+def _public(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+class TerDiTFrozenConfig(FrozenDict):
+    """A TerDiT's diffusers config (`model.config`) that also answers what its TerDiTConfig does:
+    `head_dim`, `cond_dim`, `input_size`, `learn_sigma`, `to_dict()` (the TerDiTConfig form, as run folders
+    store it), `save(path)`; equal to the TerDiTConfig it describes."""
+
+    @property
+    def arch(self) -> TerDiTConfig:
+        return TerDiTConfig.from_model_config(self)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "arch":
+            raise AttributeError(name)
+        return getattr(self.arch, name)
+
+    def __eq__(self, other: object) -> bool:
+        """Same model: diffusers' private bookkeeping (`_name_or_path`, `_use_default_values`) is ignored."""
+        if isinstance(other, TerDiTConfig):
+            return self.arch == other
+        if isinstance(other, Mapping):
+            return _public(self) == _public(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 _IMAGENET = dict(input_size=32, patch_size=2, in_channels=4, num_classes=1000)

@@ -7,15 +7,21 @@ checkpoints load without renaming (`layers.{i}.attention.wq`, `layers.{i}.adaLN_
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from terdit.hub import TerDiTHubMixin
-from terdit.models.configs import TerDiTConfig, get_config
+from terdit.models.configs import TerDiTConfig, TerDiTFrozenConfig, get_config
 from terdit.quant.bitnet import BitLinear
 from terdit.quant.layers import make_linear
 from terdit.quant.ternary import TernaryLinear
@@ -196,16 +202,73 @@ def _linear_factory(cfg: TerDiTConfig):
     return lin
 
 
-class TerDiT(nn.Module, TerDiTHubMixin):
-    """Class-conditional diffusion transformer; `config.linear` = "fp" gives Large-DiT.
+class _NoEmptyFp32Warning(logging.Filter):
+    """diffusers 0.42's ModelMixin.to warns on every dtype cast that modules "should be kept in float32: []"
+    even when there are none (its `or []` makes the None check always true); TerDiT keeps none, so drop it."""
 
-    save_pretrained / from_pretrained / push_to_hub come from TerDiTHubMixin (terdit.hub).
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFp32Warning())
+
+
+def _accepts_terdit_config(init):
+    """Let `TerDiT(cfg)` take a TerDiTConfig (how terdit builds models) besides diffusers' keyword form."""
+
+    @functools.wraps(init)
+    def wrapper(self, *args: Any, **kwargs: Any) -> None:
+        if args and isinstance(args[0], TerDiTConfig):
+            kwargs = {**args[0].model_kwargs(), **kwargs}
+            args = args[1:]
+        init(self, *args, **kwargs)
+
+    return wrapper
+
+
+class TerDiT(TerDiTHubMixin, ModelMixin, ConfigMixin):
+    """Class-conditional diffusion transformer; `linear="fp"` gives Large-DiT.
+
+    A diffusers model (ModelMixin + ConfigMixin), shaped like diffusers' DiTTransformer2DModel: the config has
+    `sample_size`, `in_channels`, `out_channels` (2 * in_channels when the variance is learned), forward takes
+    `(hidden_states, timestep, class_labels)` and returns `.sample`, so diffusers' DiTPipeline drives it.
+    `TerDiT(TerDiTConfig)` also works; `model.config` reads like the TerDiTConfig it was built from (`head_dim`,
+    `input_size`, `to_dict()`, ...). `from_pretrained` (terdit.hub) opens every terdit layout.
     """
 
-    def __init__(self, config: TerDiTConfig) -> None:
+    _supports_gradient_checkpointing = True
+
+    @_accepts_terdit_config
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        dim: int = 1536,
+        depth: int = 16,
+        n_heads: int = 32,
+        multiple_of: int = 256,
+        ffn_dim_multiplier: float | None = None,
+        norm_eps: float = 1e-5,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        qk_norm: bool = False,
+        linear: str = "ternary",
+        adaln_norm: bool = True,
+        alpha_init: str = "absmean",
+        granularity: str = "tensor",
+        rope_theta: float = 10000.0,
+        label_permutation: str | None = None,
+        name: str = "custom",
+    ) -> None:
+        """`out_channels`: None = 2 * in_channels (learned variance); `label_permutation`: the class order of
+        a released checkpoint ("lexicographic"), applied in forward so callers pass ImageNet ids."""
         super().__init__()
-        self.config = cfg = config
-        self.grad_checkpointing = False
+        args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        cfg = TerDiTConfig.from_model_config(args)
+        self.gradient_checkpointing = False
         self.x_embedder = nn.Linear(cfg.patch_size**2 * cfg.in_channels, cfg.dim)
         self.t_embedder = TimestepEmbedder(cfg.cond_dim)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.cond_dim, cfg.class_dropout_prob)
@@ -214,6 +277,23 @@ class TerDiT(nn.Module, TerDiTHubMixin):
         self.final_layer = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch_size, cfg.out_channels)
         if not _building_on_meta():  # meta tensors have no values to initialise (see LabelEmbedder)
             self.initialize_weights()
+
+    def register_to_config(self, **kwargs: Any) -> None:
+        """ConfigMixin's, with `out_channels` resolved and the result readable as a TerDiTConfig."""
+        super().register_to_config(**kwargs)
+        config = dict(self._internal_dict)
+        if config.get("out_channels") is None and "in_channels" in config:
+            config["out_channels"] = 2 * config["in_channels"]
+        self._internal_dict = TerDiTFrozenConfig(config)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """Alias of diffusers' `gradient_checkpointing` (what `enable_gradient_checkpointing` sets)."""
+        return self.gradient_checkpointing
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, value: bool) -> None:
+        self.gradient_checkpointing = bool(value)
 
     @classmethod
     def from_config_name(cls, name: str, **overrides) -> TerDiT:
@@ -253,19 +333,42 @@ class TerDiT(nn.Module, TerDiTHubMixin):
         x = x.view(b, h // p, w // p, p, p, c).permute(0, 5, 1, 3, 2, 4)  # (B, C, h, p, w, p)
         return x.reshape(b, c, h, w)
 
+    def model_labels(self, class_labels: torch.Tensor) -> torch.Tensor:
+        """ImageNet ids -> this model's own class indices (identity unless `label_permutation` is set);
+        the null class (num_classes) passes through."""
+        perm = self.config.label_permutation
+        if perm is None:
+            return class_labels
+        from terdit.deploy.labels import permute_labels
+
+        return permute_labels(perm, self.config.num_classes, class_labels)
+
     def forward(
-        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, force_drop_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x (B, C, H, W) noisy input, t (B,) timesteps in [0, 1000), y (B,) labels -> (B, out_C, H, W)."""
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        class_labels: torch.Tensor,
+        return_dict: bool = True,
+        force_drop_ids: torch.Tensor | None = None,
+    ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
+        """hidden_states (B, C, H, W) noisy input, timestep (B,) or scalar in [0, 1000), class_labels (B,)
+        ImageNet-order ids (num_classes = null) -> `.sample` (B, out_channels, H, W).
+
+        `force_drop_ids` (B,) replaces those labels by the null class (training's label dropout)."""
+        x = hidden_states
         h, w = x.shape[-2:]
+        t = torch.as_tensor(timestep, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
         tokens = self.x_embedder(self.patchify(x))
-        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
+        c = self.t_embedder(t) + self.y_embedder(self.model_labels(class_labels), force_drop_ids)
         for block in self.layers:
-            if self.grad_checkpointing and self.training:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
                 tokens = checkpoint(block, tokens, c, use_reentrant=False)
             else:
                 tokens = block(tokens, c)
-        return self.unpatchify(self.final_layer(tokens, c), h, w)
+        out = self.unpatchify(self.final_layer(tokens, c), h, w)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     def ternary_layers(self) -> dict[str, nn.Linear]:
         """The quantized block linears (TerDiT's TernaryLinear or BitNet's BitLinear), by module name."""
