@@ -9,6 +9,8 @@ Two policies trade memory for time:
   per call (about 7% of the matmul for a 600M FFN layer at 1024 tokens on CPU).
 - "speed": the first forward unpacks once into a cached tensor in the compute dtype, and later calls
   are a plain matmul. Resident memory is then that of a full-precision model in the compute dtype.
+- "int8" / "int8-packed" (CPU): integer compute with 8-bit activations, codes resident as int8 or kept
+  packed (see terdit.deploy.cpu_int8); calls the integer path does not take run like "memory".
 
 Inference only: weights have no gradient. If autograd is recording with an input that needs grad, the
 memory policy unpacks into a fresh tensor instead of the shared scratch (autograd would keep a reference).
@@ -20,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from terdit.deploy import cpu_int8
 from terdit.deploy.kernels import find_kernel
 from terdit.models.terdit import Attention, FeedForward
 from terdit.quant.packing import DIGITS, code_lut, rows_shape, unpack_rows, unpack_rows_into
 
-POLICIES: tuple[str, ...] = ("memory", "speed")
+POLICIES: tuple[str, ...] = ("memory", "speed", *cpu_int8.INT8_POLICIES)
 # Memory policy: a layer whose unpacked weight is larger than this is unpacked and multiplied in blocks of
 # output rows, so the shared scratch stays small (4.2B: 16 MiB instead of 96 MiB for an FFN weight).
 SCRATCH_LIMIT_BYTES = 16 * 2**20
@@ -96,6 +99,19 @@ class PackedLinear(nn.Module):
         self.policy = policy
         self._cached = None
 
+    def int8_codes(self) -> torch.Tensor:
+        """The codes as a resident contiguous int8 [out, in] tensor ("int8" policy; unpacked on first use)."""
+        cached = self._cached
+        if cached is None or cached.dtype != torch.int8:
+            buf = torch.empty(self.unpacked_numel, dtype=torch.int8, device=self.packed.device)
+            codes = cpu_int8.unpack_codes_into(self.packed, self.fmt, buf)[:, : self.in_features]
+            self._cached = cached = codes.contiguous()
+        return cached
+
+    def int8_path(self, x: torch.Tensor) -> bool:
+        """Whether a call with input `x` takes the integer path (int8 policies, see terdit.deploy.cpu_int8)."""
+        return find_kernel(self.fmt, x, self.policy) is cpu_int8.int8_kernel and cpu_int8.accepts(self, x)
+
     def _row_block(self, dtype: torch.dtype) -> int:
         """Output rows unpacked at once under the memory policy (all of them unless over scratch_limit)."""
         row_bytes = self.packed.shape[1] * DIGITS[self.fmt] * dtype.itemsize
@@ -132,7 +148,7 @@ class PackedLinear(nn.Module):
         return self._unpack(buf, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = find_kernel(self.fmt, x)
+        kernel = find_kernel(self.fmt, x, self.policy)
         if kernel is not None:
             y = kernel(self, x)
             if y is not None:  # None: the kernel declined this call (dtype, autograd, ...)
@@ -154,7 +170,7 @@ class PackedLinear(nn.Module):
         """Whether a call with input `x` takes the unpack-into-scratch path (memory policy, no kernel, no grad)."""
         return (
             self.policy == "memory"
-            and find_kernel(self.fmt, x) is None
+            and find_kernel(self.fmt, x, self.policy) is None
             and not (torch.is_grad_enabled() and x.requires_grad)
         )
 
@@ -207,6 +223,8 @@ class PackedAttention(Attention):
         return max(1, min(w._row_block(dtype) for w in (self.wq, self.wk, self.wv)) // self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if all(isinstance(w, PackedLinear) and w.int8_path(x) for w in (self.wq, self.wk, self.wv)):
+            return self.int8_forward(x)
         group = self.heads_per_block(x.dtype)
         projections = (self.wq, self.wk, self.wv)
         if (
@@ -229,6 +247,17 @@ class PackedAttention(Attention):
             ).transpose(1, 2)
             del q, k, v  # before the next group's are allocated
         return self.wo(out.view(b, n, -1))
+
+    def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention.forward with x quantized once for wq, wk and wv (the integer path)."""
+        qt = cpu_int8.quantize_tokens(x)
+        shape = (*x.shape[:2], self.n_heads, self.head_dim)
+        q = self.rope(self.q_norm(cpu_int8.int8_linear(self.wq, qt)).view(shape))
+        k = self.rope(self.k_norm(cpu_int8.int8_linear(self.wk, qt)).view(shape))
+        v = cpu_int8.int8_linear(self.wv, qt).view(shape)
+        del qt
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 
 
 class PackedFeedForward(FeedForward):
@@ -256,6 +285,8 @@ class PackedFeedForward(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self.w1, self.w2, self.w3
+        if all(isinstance(w, PackedLinear) and w.int8_path(x) for w in (w1, w2, w3)):
+            return self.int8_forward(x)
         if not all(isinstance(w, PackedLinear) and w.blockwise(x) for w in (w1, w2, w3)):
             return super().forward(x)
         hidden = w1.out_features
@@ -273,6 +304,15 @@ class PackedFeedForward(FeedForward):
             out.add_(w2.bias.to(out.dtype))
         return out.view(*x.shape[:-1], w2.out_features)
 
+    def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FeedForward.forward on the integer path: x quantized once for w1 and w3, and the SwiGLU product
+        kept in fp32 and quantized for w2 in place (no rounding to x's dtype in between)."""
+        qt = cpu_int8.quantize_tokens(x)
+        h = F.silu(cpu_int8.int8_linear(self.w1, qt, torch.float32), inplace=True)
+        h.mul_(cpu_int8.int8_linear(self.w3, qt, torch.float32))
+        del qt
+        return cpu_int8.int8_linear(self.w2, cpu_int8.quantize_tokens(h, overwrite=True), x.dtype)
+
 
 def set_policy(model: nn.Module, policy: str) -> None:
     """Switch every PackedLinear of `model` to `policy` (drops cached weights when leaving "speed")."""
@@ -282,19 +322,23 @@ def set_policy(model: nn.Module, policy: str) -> None:
 
 
 def warm_cache(model: nn.Module, dtype: torch.dtype) -> None:
-    """Unpack now, so the first forward of a "speed" model does not pay for it."""
+    """Unpack now, so the first forward of a "speed" (or "int8") model does not pay for it."""
     for m in model.modules():
         if isinstance(m, PackedLinear) and m.policy == "speed":
             m.weight_for(dtype)
+        elif isinstance(m, PackedLinear) and m.policy == "int8" and m.packed.device.type == "cpu":
+            m.int8_codes()
 
 
 def reserve_scratch(model: nn.Module, dtype: torch.dtype) -> None:
     """Size the shared scratch for the largest block once, instead of growing it during the first forward."""
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.policy == "memory"]
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.policy in ("memory", "int8-packed")]
     if not layers:
         return
     scratch = layers[0].scratch
     device = layers[0].packed.device
+    if layers[0].policy == "int8-packed" and device.type == "cpu":  # the integer path unpacks into int8
+        dtype = torch.int8
     blocks = [min(m.out_features, m._row_block(dtype)) * m.packed.shape[1] for m in layers]
     scratch.reserve(max(n * DIGITS[m.fmt] for n, m in zip(blocks, layers)), dtype, device)
     scratch.reserve(max(blocks), torch.int32, device)
