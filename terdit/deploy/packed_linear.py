@@ -223,7 +223,7 @@ class PackedAttention(Attention):
         return max(1, min(w._row_block(dtype) for w in (self.wq, self.wk, self.wv)) // self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if all(isinstance(w, PackedLinear) and w.int8_path(x) for w in (self.wq, self.wk, self.wv)):
+        if all(isinstance(w, PackedLinear) and w.int8_path(x) and w.bias is None for w in (self.wq, self.wk, self.wv)):
             return self.int8_forward(x)
         group = self.heads_per_block(x.dtype)
         projections = (self.wq, self.wk, self.wv)
@@ -250,12 +250,14 @@ class PackedAttention(Attention):
 
     def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Attention.forward with x quantized once for wq, wk and wv (the integer path)."""
-        qt = cpu_int8.quantize_tokens(x)
+        layers = (self.wq, self.wk, self.wv)
+        codes, alphas = cpu_int8.layer_codes(*layers), [w.alphas for w in layers]
+        q, k, v = cpu_int8.run(cpu_int8.shared_input_fn, x.reshape(-1, x.shape[-1]), codes, alphas)
+        del codes
         shape = (*x.shape[:2], self.n_heads, self.head_dim)
-        q = self.rope(self.q_norm(cpu_int8.int8_linear(self.wq, qt)).view(shape))
-        k = self.rope(self.k_norm(cpu_int8.int8_linear(self.wk, qt)).view(shape))
-        v = cpu_int8.int8_linear(self.wv, qt).view(shape)
-        del qt
+        q = self.rope(self.q_norm(q).view(shape))
+        k = self.rope(self.k_norm(k).view(shape))
+        v = v.view(shape)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.wo(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 
@@ -285,7 +287,7 @@ class PackedFeedForward(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self.w1, self.w2, self.w3
-        if all(isinstance(w, PackedLinear) and w.int8_path(x) for w in (w1, w2, w3)):
+        if all(isinstance(w, PackedLinear) and w.int8_path(x) and w.bias is None for w in (w1, w2, w3)):
             return self.int8_forward(x)
         if not all(isinstance(w, PackedLinear) and w.blockwise(x) for w in (w1, w2, w3)):
             return super().forward(x)
@@ -307,11 +309,10 @@ class PackedFeedForward(FeedForward):
     def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
         """FeedForward.forward on the integer path: x quantized once for w1 and w3, and the SwiGLU product
         kept in fp32 and quantized for w2 in place (no rounding to x's dtype in between)."""
-        qt = cpu_int8.quantize_tokens(x)
-        h = F.silu(cpu_int8.int8_linear(self.w1, qt, torch.float32), inplace=True)
-        h.mul_(cpu_int8.int8_linear(self.w3, qt, torch.float32))
-        del qt
-        return cpu_int8.int8_linear(self.w2, cpu_int8.quantize_tokens(h, overwrite=True), x.dtype)
+        layers = (self.w1, self.w3, self.w2)
+        codes, alphas = cpu_int8.layer_codes(*layers), [w.alphas for w in layers]
+        y = cpu_int8.run(cpu_int8.swiglu_fn, x.reshape(-1, x.shape[-1]), codes, alphas)
+        return y.view(*x.shape[:-1], self.w2.out_features)
 
 
 def set_policy(model: nn.Module, policy: str) -> None:
@@ -332,13 +333,11 @@ def warm_cache(model: nn.Module, dtype: torch.dtype) -> None:
 
 def reserve_scratch(model: nn.Module, dtype: torch.dtype) -> None:
     """Size the shared scratch for the largest block once, instead of growing it during the first forward."""
-    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.policy in ("memory", "int8-packed")]
+    layers = [m for m in model.modules() if isinstance(m, PackedLinear) and m.policy == "memory"]
     if not layers:
         return
     scratch = layers[0].scratch
     device = layers[0].packed.device
-    if layers[0].policy == "int8-packed" and device.type == "cpu":  # the integer path unpacks into int8
-        dtype = torch.int8
     blocks = [min(m.out_features, m._row_block(dtype)) * m.packed.shape[1] for m in layers]
     scratch.reserve(max(n * DIGITS[m.fmt] for n, m in zip(blocks, layers)), dtype, device)
     scratch.reserve(max(blocks), torch.int32, device)
