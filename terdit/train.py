@@ -39,6 +39,7 @@ from terdit.errors import TerditError
 from terdit.io import atomic_dir, atomic_write_text, save_tensors
 from terdit.models.configs import TerDiTConfig, get_config
 from terdit.models.terdit import TerDiT
+from terdit.quant.ternary import set_act_bits
 from terdit.sample import make_grid, sample_latents, save_grid, to_uint8
 
 
@@ -53,6 +54,7 @@ class TrainArgs:
     adaln_norm: bool | None = None  # None: on for ternary/bitnet, off for fp (Large-DiT)
     alpha_init: str | None = None
     qk_norm: bool = False
+    act_bits: int | None = None  # 8: ternary layers see 8-bit activations (BitNet-style QAT, set_act_bits)
     data: str | None = None
     resolution: int | None = None
     vae: str | None = None
@@ -102,6 +104,7 @@ class TrainArgs:
             (self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel}"),
             (self.precision in (None, "fp32", "bf16", "fp16"), f"--precision: unknown {self.precision}"),
             (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
+            (self.act_bits in (None, 8), f"--act-bits must be 8, got {self.act_bits}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -240,6 +243,8 @@ class Trainer:
 
         torch.manual_seed(a.seed)
         model = TerDiT(cfg)
+        if a.act_bits is not None and not set_act_bits(model, a.act_bits):
+            raise TerditError(f"--act-bits needs ternary layers (config linear={cfg.linear!r})")
         ckpt = runlib.latest_checkpoint(self.out) if a.resume else None
         if ckpt is not None:
             runlib.load_weights_into(model, ckpt / "model.safetensors")

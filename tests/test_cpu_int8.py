@@ -209,3 +209,26 @@ def test_compiled_matches_eager(monkeypatch):
     if not cpu_int8.compile_enabled():
         pytest.skip("torch.compile is not available here (the eager path ran)")
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2 * float(eager.abs().max()))
+
+
+def test_act_bits_qat_layer_and_train_args():
+    """--act-bits 8: a TernaryLinear rounds its input exactly as the integer path, with straight-through grads."""
+    from terdit.errors import TerditError
+    from terdit.quant.ternary import TernaryLinear, set_act_bits
+    from terdit.train import TrainArgs
+
+    torch.manual_seed(0)
+    layer = TernaryLinear(40, 24, bias=True)
+    assert set_act_bits(torch.nn.Sequential(layer), 8) == 1 and "act_bits=8" in repr(layer)
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        w = layer.quantized_weight()
+        ref = quantized_reference(x, (w / layer.alphas).round().to(torch.int8), layer.alphas, layer.bias)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand_as(x))  # straight through the rounding
+    with pytest.raises(ValueError):
+        set_act_bits(layer, 4)
+    with pytest.raises(TerditError, match="--act-bits"):
+        TrainArgs(act_bits=4).validate()
