@@ -2,6 +2,7 @@
 
     python benchmarks/cpu_int8.py            # TerDiT-600M, batch 1 and 4, 1 and 2 threads (~10 min)
     python benchmarks/cpu_int8.py --quick    # batch 1, 2 threads, 2 rounds, no fp32 (~2 min)
+    python benchmarks/cpu_int8.py --eager    # the integer path without torch.compile (smaller, slower)
     python benchmarks/cpu_int8.py --config TerDiT-Digits --batch 4 --threads 1 --json out.json
 
 One sampling step = one guided model call for `batch` images (2 x batch forward rows, 256 tokens each for
@@ -49,8 +50,10 @@ VARIANTS = {
 TARGETS = {"int8": (1.4, 0.55), "int8-packed": (1.0, 0.35)}  # (speed-up vs fp-bf16 >=, peak vs fp-bf16 <=)
 
 
-def _worker(args: list[str], threads: int, timeout: float) -> dict:
+def _worker(args: list[str], threads: int, timeout: float, eager: bool = False) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if eager:
+        env["TERDIT_CPU_COMPILE"] = "0"
     cmd = [sys.executable, "-m", "terdit.deploy.bench_worker", *args, "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -76,6 +79,7 @@ def run(a: argparse.Namespace, log=print) -> dict:
         "repeats": a.repeats,
         "cpu_int8_dot": has_int8_dot(),
         "cpu_count": os.cpu_count(),
+        "compile": not a.eager,
         "torch": torch.__version__,
         "times": [],
         "memory": [],
@@ -92,7 +96,7 @@ def run(a: argparse.Namespace, log=print) -> dict:
                 for n in names:
                     args += _spec(dirs, n)
                 t0 = time.perf_counter()
-                r = _worker(args, threads, a.timeout)
+                r = _worker(args, threads, a.timeout, a.eager)
                 steps = dict(zip(names, r["step_s"]))
                 row = {"threads": threads, "batch": batch, "step_s": steps, "loadavg_1min": r["loadavg_1min"],
                        "wall_s": time.perf_counter() - t0}
@@ -113,7 +117,7 @@ def run(a: argparse.Namespace, log=print) -> dict:
                     if n == "fp32" and batch in a.skip_fp32_batch:
                         continue
                     args = ["memory", "--batch", str(batch), *_spec(dirs, n)]
-                    r = _worker(args, threads, a.timeout)
+                    r = _worker(args, threads, a.timeout, a.eager)
                     out["memory"].append({"variant": n, "batch": batch, "peak_mb": r["peak_step_mb"],
                                           "rss_after_load_mb": r["rss_after_load_mb"], "peak_kind": r["peak_kind"]})
                     log(f"[cpu_int8] peak memory batch {batch} {n:<12} {r['peak_step_mb']:8.0f} MB "
@@ -159,12 +163,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--threads", type=int, nargs="+", default=None,
                    help="thread counts (default: 1 and 2, and all cores where there are more)")
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds after a warm-up round")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up round (default 3: ~10 min)")
     p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["fp-bf16", "fp32", "int8", "int8-packed"])
     p.add_argument("--float-policies", action="store_true", help="also the packed memory / speed policies in bf16")
     p.add_argument("--skip-fp32-batch", type=int, nargs="*", default=[],
                    help="batch sizes timed without the (slow) fp32 variant")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    p.add_argument("--eager", action="store_true",
+                   help="integer path without torch.compile (TERDIT_CPU_COMPILE=0: ~200 MB smaller, slower)")
     p.add_argument("--quick", action="store_true", help="batch 1, 2 threads, 2 rounds, no fp32")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument("--json", type=Path, default=None)

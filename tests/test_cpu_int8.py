@@ -232,3 +232,30 @@ def test_act_bits_qat_layer_and_train_args():
         set_act_bits(layer, 4)
     with pytest.raises(TerditError, match="--act-bits"):
         TrainArgs(act_bits=4).validate()
+
+
+def test_act_bits_model_is_what_the_integer_path_computes(tmp_path):
+    """A model with 8-bit activation QAT, exported: the int8 policy reproduces it (to float rounding, and
+    the odd activation that rounds the other way), far closer than the exact path does."""
+    from terdit.diffusion.guidance import guided_model_fn
+    from terdit.quant.ternary import set_act_bits
+
+    model = random_micro(seed=4)
+    export_model(model, tmp_path / "dep", "2bit")
+    set_act_bits(model, 8)
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t, y = torch.tensor([5, 300, 900]), torch.tensor([0, 2, 7])
+    def run(m):
+        with torch.inference_mode():
+            return guided_model_fn(m, y, 3.0, null_class=cfg.num_classes)(x, t)
+
+    qat = run(model)
+    int8 = run(load_deployed(tmp_path / "dep", policy="int8"))
+    exact = run(load_deployed(tmp_path / "dep", policy="memory"))
+
+    def rel(a):
+        return float((a - qat).norm() / qat.norm())
+
+    assert rel(int8) < 1e-3 and rel(exact) > 10 * rel(int8), (rel(int8), rel(exact))

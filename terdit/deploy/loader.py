@@ -217,6 +217,7 @@ def load_deployed(
             block.register_forward_hook(_trim_heap_after_block)
     if policy in ("speed", "int8"):
         warm_cache(model, dt)
+        release_free_heap()  # the unpacking's temporaries
     else:
         reserve_scratch(model, dt)
     return model
