@@ -6,9 +6,12 @@ on this path is that of the activations: per token (row), absmax to 8 bits as Bi
 
     y = (q @ codes.T) * (alpha / scale) + bias
 
-with the product accumulated exactly in int32 (`torch._int_mm`, which PyTorch runs on oneDNN's VNNI / AMX
-int8 kernels) and alpha and the per-token scale folded into one multiply of the output. On CPUs with int8
-dot products (AVX512-VNNI, AVX-VNNI, AMX-INT8) this multiplies 2-3x faster than the bf16 matmul.
+with the product accumulated exactly in int32 (`torch._int_mm`, PyTorch's int8 GEMM) and alpha and the
+per-token scale folded into one multiply of the output. On CPUs with int8 dot products (AVX512-VNNI,
+AVX-VNNI, AMX-INT8) it took 0.43-0.5x the time of the bf16 matmul at 1 thread (600M shapes, AMD EPYC
+with VNNI and AVX512-BF16). At 2 threads on a loaded VM it scaled worse than oneDNN's own int8 matmul
+(`torch.ops.onednn.qlinear_pointwise`, u8 activations), which torch.compile cannot take with prepacked
+weights: the next step if 2-thread runs fall short.
 
 Two PackedLinear policies use it (`register_kernel(fmt, "cpu", ..., policy)`):
 
