@@ -32,8 +32,10 @@ once per shape on first use; TERDIT_CPU_COMPILE=0, or a failed compile, runs the
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import warnings
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -83,12 +85,14 @@ class QuantizedTokens(NamedTuple):
     lead: tuple[int, ...]  # the input's leading shape
 
 
-def _quant(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quant(x2: torch.Tensor, unsigned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[rows, K] float -> (q int8, scale fp32 [rows, 1]): BitNet's arithmetic on x in fp32, without first
-    converting x (the absmax is exact in x's dtype; x * scale promotes to fp32)."""
+    converting x (the absmax is exact in x's dtype; x * scale promotes to fp32). `unsigned`: q + 128 as
+    uint8 (oneDNN's fast int8 kernels take unsigned activations with a zero point)."""
     amax = torch.maximum(x2.amax(-1, keepdim=True), x2.amin(-1, keepdim=True).neg()).float()
     scale = ACT_LEVELS / amax.clamp(min=EPS)
-    return (x2 * scale).round().clamp(-ACT_LEVELS, ACT_LEVELS).to(torch.int8), scale
+    q = (x2 * scale).round().clamp(-ACT_LEVELS, ACT_LEVELS)
+    return (q.add(128).to(torch.uint8) if unsigned else q.to(torch.int8)), scale
 
 
 def quantize_tokens(x: torch.Tensor) -> QuantizedTokens:
@@ -103,9 +107,42 @@ def dequantize_tokens(qt: QuantizedTokens) -> torch.Tensor:
     return (qt.q.to(torch.float32) / qt.scale).view(*qt.lead, qt.q.shape[-1])
 
 
-def _mm(q: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, bias=None) -> torch.Tensor:
-    """(q @ codes.T) * alpha / scale (+ bias): accumulated exactly in int32, scaled in fp32."""
-    y = torch._int_mm(q, codes.t()).float() * (alpha.float() / scale)
+_PREPACKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
+_next_handle = itertools.count()
+
+
+def prepack(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """oneDNN's blocked int8 layout of `codes` [out, in] (same bytes) and a handle for `_mm`: an int64
+    tensor of shape [out] (stride 0) naming it, so torch.compile sees a plain tensor, never the opaque one.
+    The caller keeps the first element alive (the registry holds it weakly)."""
+    packed = torch.ops.onednn.qlinear_prepack(codes, None)
+    key = next(_next_handle)
+    _PREPACKED[key] = packed
+    return packed, torch.tensor([key]).expand(codes.shape[0])
+
+
+@torch.library.custom_op("terdit::qlinear_u8", mutates_args=())
+def qlinear_u8(q: torch.Tensor, handle: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """alpha * ((q - 128) @ codes.T) in fp32, oneDNN's int8 matmul (VNNI / AMX), exact int32 accumulation."""
+    w = _PREPACKED[int(handle[0])]
+    zero = torch.zeros(1, dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 128, w, alpha.float(), zero, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+@qlinear_u8.register_fake
+def _(q: torch.Tensor, handle: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape[0], handle.shape[0], dtype=torch.float32)
+
+
+def _mm(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias=None) -> torch.Tensor:
+    """(q @ codes.T) * alpha / scale (+ bias): accumulated exactly in int32, scaled in fp32. `w`: int8 codes
+    (torch._int_mm, q int8) or a `prepack` handle (oneDNN, q uint8)."""
+    if w.dtype == torch.int64:
+        y = torch.ops.terdit.qlinear_u8(q, w, alpha) / scale
+    else:
+        y = torch._int_mm(q, w.t()).float() * (alpha.float() / scale)
     return y if bias is None else y + bias.float()
 
 
@@ -113,22 +150,22 @@ def _mm(q: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor, alpha: torch.
 # quantization and output scaling around the int8 matmuls (Inductor calls _int_mm as an external kernel).
 def linear_fn(x2: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """One layer: quantize [rows, K], multiply, scale, in x2's dtype."""
-    q, scale = _quant(x2)
+    q, scale = _quant(x2, codes.dtype == torch.int64)
     return _mm(q, scale, codes, alpha, bias).to(x2.dtype)
 
 
 def shared_input_fn(x2: torch.Tensor, codes: list[torch.Tensor], alphas: list[torch.Tensor]) -> list[torch.Tensor]:
     """Several bias-free layers on one input (attention's wq, wk, wv): quantized once."""
-    q, scale = _quant(x2)
+    q, scale = _quant(x2, codes[0].dtype == torch.int64)
     return [_mm(q, scale, c, a).to(x2.dtype) for c, a in zip(codes, alphas)]
 
 
 def swiglu_fn(x2: torch.Tensor, codes: list[torch.Tensor], alphas: list[torch.Tensor]) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x), bias-free: x quantized once for w1 and w3, the product quantized from fp32."""
     (c1, c3, c2), (a1, a3, a2) = codes, alphas
-    q, scale = _quant(x2)
+    q, scale = _quant(x2, c1.dtype == torch.int64)
     h = torch.nn.functional.silu(_mm(q, scale, c1, a1)) * _mm(q, scale, c3, a3)
-    q2, scale2 = _quant(h)
+    q2, scale2 = _quant(h, c2.dtype == torch.int64)
     return _mm(q2, scale2, c2, a2).to(x2.dtype)
 
 
@@ -197,7 +234,7 @@ def layer_codes(*layers: PackedLinear) -> list[torch.Tensor]:
     """The layers' int8 codes [out, in]: resident ("int8"), or ("int8-packed") unpacked now into one slice
     each of the model's shared int8 scratch (reused call after call: no fresh pages to fault in; int8
     codes are half the bf16 weight the float memory policy unpacks)."""
-    out: list[torch.Tensor | None] = [w.int8_codes() if w.policy == "int8" else None for w in layers]
+    out: list[torch.Tensor | None] = [w.int8_weight() if w.policy == "int8" else None for w in layers]
     packed = [w for w, c in zip(layers, out) if c is None]
     if packed:
         scratch, device = packed[0].scratch, packed[0].packed.device

@@ -83,6 +83,7 @@ class PackedLinear(nn.Module):
         self.scratch = scratch if scratch is not None else Scratch()
         self.scratch_limit = SCRATCH_LIMIT_BYTES
         self._cached: torch.Tensor | None = None
+        self._prepacked: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 policy: oneDNN weight, handle
 
     @property
     def unpacked_numel(self) -> int:
@@ -98,6 +99,7 @@ class PackedLinear(nn.Module):
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
         self._cached = None
+        self._prepacked = None
 
     def int8_codes(self) -> torch.Tensor:
         """The codes as a resident contiguous int8 [out, in] tensor ("int8" policy; unpacked on first use)."""
@@ -107,6 +109,16 @@ class PackedLinear(nn.Module):
             codes = cpu_int8.unpack_codes_into(self.packed, self.fmt, buf)[:, : self.in_features]
             self._cached = cached = codes.contiguous()
         return cached
+
+    def int8_weight(self) -> torch.Tensor:
+        """"int8" policy: the codes prepacked for oneDNN's int8 matmul (resident; the int8 codes are then
+        dropped), as the handle `cpu_int8` multiplies with; the plain int8 codes where oneDNN is missing."""
+        if not torch.backends.mkldnn.is_available():
+            return self.int8_codes()
+        if self._prepacked is None:
+            self._prepacked = cpu_int8.prepack(self.int8_codes())
+            self._cached = None
+        return self._prepacked[1]
 
     def int8_path(self, x: torch.Tensor) -> bool:
         """Whether a call with input `x` takes the integer path (int8 policies, see terdit.deploy.cpu_int8)."""
@@ -192,7 +204,7 @@ class PackedLinear(nn.Module):
         return self._unpack_bytes(packed, buf, dtype)[:, : c1 - c0]
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        self._cached = None  # moved or cast: the cache is rebuilt on the next call
+        self._cached = self._prepacked = None  # moved or cast: the caches are rebuilt on the next call
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -328,7 +340,7 @@ def warm_cache(model: nn.Module, dtype: torch.dtype) -> None:
         if isinstance(m, PackedLinear) and m.policy == "speed":
             m.weight_for(dtype)
         elif isinstance(m, PackedLinear) and m.policy == "int8" and m.packed.device.type == "cpu":
-            m.int8_codes()
+            m.int8_weight()
 
 
 def reserve_scratch(model: nn.Module, dtype: torch.dtype) -> None:
