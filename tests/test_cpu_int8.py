@@ -194,12 +194,19 @@ def test_deployed_model_int8_policies(fmt, tmp_path, monkeypatch):
         assert torch.equal(run(dep), exact)
 
 
-def test_compiled_matches_eager(monkeypatch):
-    """torch.compile of the fused units gives the eager values (one tiny SwiGLU, compiled once)."""
+@pytest.mark.parametrize("weights", ["codes", "prepacked"])
+def test_compiled_matches_eager(weights, monkeypatch):
+    """torch.compile of the fused units gives the eager values (one tiny SwiGLU, compiled once), with int8
+    codes (torch._int_mm) and with oneDNN-prepacked weights behind the terdit::qlinear_u8 op."""
     torch.manual_seed(1)
     x = torch.randn(6, 32).bfloat16()
     codes = [torch.randint(-1, 2, s, dtype=torch.int8) for s in ((64, 32), (64, 32), (32, 64))]
     alphas = [torch.rand(1) + 0.1 for _ in codes]
+    if weights == "prepacked":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("no oneDNN")
+        keep = [cpu_int8.prepack(c) for c in codes]
+        codes = [handle for _, handle in keep]
     eager = cpu_int8.swiglu_fn(x, codes, alphas)
     monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
     if not cpu_int8.compile_enabled():

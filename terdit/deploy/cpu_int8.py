@@ -6,18 +6,20 @@ on this path is that of the activations: per token (row), absmax to 8 bits as Bi
 
     y = (q @ codes.T) * (alpha / scale) + bias
 
-with the product accumulated exactly in int32 (`torch._int_mm`, PyTorch's int8 GEMM) and alpha and the
-per-token scale folded into one multiply of the output. On CPUs with int8 dot products (AVX512-VNNI,
-AVX-VNNI, AMX-INT8) it took 0.43-0.5x the time of the bf16 matmul at 1 thread (600M shapes, AMD EPYC
-with VNNI and AVX512-BF16). At 2 threads on a loaded VM it scaled worse than oneDNN's own int8 matmul
-(`torch.ops.onednn.qlinear_pointwise`, u8 activations), which torch.compile cannot take with prepacked
-weights: the next step if 2-thread runs fall short.
+with the product accumulated exactly in int32 and alpha and the per-token scale folded into one multiply
+of the output. On CPUs with int8 dot products (AVX512-VNNI, AVX-VNNI, AMX-INT8) the int8 matmul took
+0.43-0.5x the time of the bf16 one at 1 thread (600M shapes, AMD EPYC with VNNI and AVX512-BF16).
 
 Two PackedLinear policies use it (`register_kernel(fmt, "cpu", ..., policy)`):
 
-- "int8": the codes are unpacked once into a resident int8 tensor (1 byte per weight).
+- "int8": the codes are unpacked once and prepacked for oneDNN's int8 matmul (`qlinear_pointwise`,
+  uint8 activations q + 128 with zero point 128; 1 byte per weight, resident). The opaque prepacked
+  tensor is reached through the custom op `terdit::qlinear_u8` and an int64 handle, so torch.compile
+  fuses around it (it cannot take the prepacked tensor itself).
 - "int8-packed": the weight stays packed (2 or 1.6 bits per weight); each call unpacks it into the model's
-  shared int8 scratch (one 4-byte gather per 4 codes for "2bit", ~10% of the int8 matmul) and multiplies.
+  shared int8 scratch (one 4-byte gather per 4 codes for "2bit", ~10% of the int8 matmul) and multiplies
+  with `torch._int_mm` (prepacking per call would cost another pass; `_int_mm` took the same time as
+  oneDNN's at 1 thread, but scaled worse to 2 threads on a loaded VM).
 
 A call the path does not take (autograd recording with an input that needs grad, a dtype other than
 fp32 / bf16 / fp16, a CPU without int8 dot products, TERDIT_NO_KERNELS=1) returns None and the layer runs
