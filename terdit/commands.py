@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha-init", choices=["absmean", "randn", "ones"], default=None,
                    help="initial alpha of ternary layers (config default: absmean)")
     p.add_argument("--qk-norm", action="store_true", help="LayerNorm on q and k")
+    p.add_argument("--act-bits", type=int, choices=[8], default=None,
+                   help="ternary layers see 8-bit per-token activations (BitNet-style QAT; exact on --policy int8)")
     p.add_argument("--data", default=None, help="image folder or latent folder (default: embedded digits)")
     p.add_argument("--resolution", type=positive_int, default=None, help="image resolution (image folders)")
     p.add_argument("--vae", default=None, help="VAE hub id or local dir for image folders ('none': pixels)")
@@ -85,8 +87,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help=".png grid or .npz (default: RUN/sample.png)")
     add_overwrite_arg(p, "sample file")
     p.add_argument("--vae", default=None, help="VAE to decode latents (default: the one the run trained with)")
-    p.add_argument("--policy", choices=["memory", "speed"], default="memory",
-                   help="packed models: unpack per call (memory) or cache unpacked weights (speed)")
+    p.add_argument("--policy", choices=["memory", "speed", "int8", "int8-packed"], default="memory",
+                   help="packed models: unpack per call (memory), cache unpacked weights (speed), or CPU integer "
+                        "compute with 8-bit activations, codes resident (int8) or packed (int8-packed)")
     add_device_args(p)
     p.set_defaults(func=cmd_sample)
 

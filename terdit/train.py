@@ -56,6 +56,7 @@ from terdit.io import (
 from terdit.memory import check_batch_fits
 from terdit.models.configs import TerDiTConfig, get_config
 from terdit.models.terdit import TerDiT
+from terdit.quant.ternary import set_act_bits
 from terdit.sample import make_grid, sample_latents, save_grid, to_uint8
 
 
@@ -70,6 +71,7 @@ class TrainArgs:
     adaln_norm: bool | None = None  # None: on for ternary/bitnet, off for fp (Large-DiT)
     alpha_init: str | None = None
     qk_norm: bool = False
+    act_bits: int | None = None  # 8: ternary layers see 8-bit activations (BitNet-style QAT, set_act_bits)
     data: str | None = None
     resolution: int | None = None
     vae: str | None = None
@@ -129,6 +131,7 @@ class TrainArgs:
             (all(math.isfinite(v) for v in (self.lr, self.lr_after_drop, self.grad_clip, self.sample_cfg,
                                             self.weight_decay)), "--lr, --lr-after-drop, --grad-clip, "
              "--weight-decay and --sample-cfg must be finite numbers"),
+            (self.act_bits in (None, 8), f"--act-bits must be 8, got {self.act_bits}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -401,6 +404,8 @@ class Trainer:
 
         torch.manual_seed(a.seed)
         model = TerDiT(cfg)
+        if a.act_bits is not None and not set_act_bits(model, a.act_bits):
+            raise TerditError(f"--act-bits needs ternary layers (config linear={cfg.linear!r})")
         ckpt = runlib.latest_checkpoint(self.out) if a.resume else None
         if ckpt is not None:
             runlib.load_weights_into(model, ckpt / "model.safetensors")

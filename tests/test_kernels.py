@@ -179,7 +179,8 @@ def test_auto_register(monkeypatch):
     try:
         seam._REGISTRY.clear()
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        assert seam.auto_register() == [] and not seam._REGISTRY  # CPU only: nothing registered
+        assert seam.auto_register() == [] and all(k[1] == "cpu" for k in seam._REGISTRY)  # CPU only: no CUDA
+        seam._REGISTRY.clear()
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setenv("TERDIT_NO_KERNELS", "1")
         assert seam.auto_register() == [] and not seam._REGISTRY
@@ -188,7 +189,7 @@ def test_auto_register(monkeypatch):
         assert seam.registered_kernel("2bit", "cuda") is tk.packed_linear_kernel
         assert seam.registered_kernel("base3", "cuda") is tk.packed_linear_kernel
         tk.disable_triton_kernels("cuda")
-        assert not seam._REGISTRY
+        assert all(k[1] == "cpu" for k in seam._REGISTRY)  # the CPU integer kernels stay
     finally:
         seam._REGISTRY.clear()
         seam._REGISTRY.update(saved)

@@ -100,18 +100,26 @@ def measure_memory(directory: str, policy: str, device: str, dtype: str, batch: 
 
 
 def measure_times(
-    specs: list[tuple[str, str]], device: str, dtype: str, batch: int, repeats: int, cfg: float, seed: int
+    specs: list[tuple[str, str]],
+    device: str,
+    dtype: str | list[str],
+    batch: int,
+    repeats: int,
+    cfg: float,
+    seed: int,
 ) -> dict:
     """Step times of several variants loaded side by side, interleaved round by round.
 
     Interleaving makes the comparison fair on a shared machine: a burst of background load hits every
     variant of a round alike. The order rotates from round to round so that no variant always runs right
     after the same neighbour. Round 0 is a warm-up. Ratios are medians of per-round ratios to variant 0.
+    `dtype`: one for all variants or one per variant (e.g. full precision in fp32 and in bf16 side by side).
     """
     from terdit.deploy.format import parse_dtype
 
     dev = torch.device(device)
-    steps = [_setup(d, p, dev, parse_dtype(dtype), batch, cfg, seed)[1] for d, p in specs]
+    dtypes = [dtype] * len(specs) if isinstance(dtype, str) else dtype
+    steps = [_setup(d, p, dev, parse_dtype(dt), batch, cfg, seed)[1] for (d, p), dt in zip(specs, dtypes)]
     load_before = os.getloadavg()[0]
     times: list[list[float]] = [[] for _ in specs]
     for r in range(repeats + 1):
@@ -136,16 +144,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dir", action="append", required=True, help="deploy directory (repeat for 'times')")
     p.add_argument("--policy", action="append", required=True, help="policy per --dir")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32")
+    p.add_argument("--dtype", action="append", default=None, help="compute dtype: once, or once per --dir")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--cfg", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     a = p.parse_args(argv)
+    dtypes = a.dtype or ["fp32"]
+    if len(dtypes) not in (1, len(a.dir)):
+        p.error("give --dtype once or once per --dir")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.mode == "memory":
-        out = measure_memory(a.dir[0], a.policy[0], a.device, a.dtype, a.batch, a.cfg, a.seed)
+        out = measure_memory(a.dir[0], a.policy[0], a.device, dtypes[0], a.batch, a.cfg, a.seed)
     else:
-        out = measure_times(list(zip(a.dir, a.policy)), a.device, a.dtype, a.batch, a.repeats, a.cfg, a.seed)
+        dt = dtypes[0] if len(dtypes) == 1 else dtypes
+        out = measure_times(list(zip(a.dir, a.policy)), a.device, dt, a.batch, a.repeats, a.cfg, a.seed)
     print(json.dumps(out))
 
 

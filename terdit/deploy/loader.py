@@ -216,8 +216,9 @@ def load_deployed(
     if _malloc_trim() is not None and info.format in FORMATS:  # full-precision models never unpack
         for block in model.layers:
             block.register_forward_hook(_trim_heap_after_block)
-    if policy == "speed":
+    if policy in ("speed", "int8"):
         warm_cache(model, dt)
+        release_free_heap()  # the unpacking's temporaries
     else:
         reserve_scratch(model, dt)
     return model
@@ -287,7 +288,7 @@ def _trim_heap_after_block(block: nn.Module, args: tuple, output: torch.Tensor) 
     run). Re-faulting the pages in the next block costs about 1-3% of a step.
     """
     wq = next((m for m in block.modules() if isinstance(m, PackedLinear)), None)
-    if output.device.type != "cpu" or wq is None or wq.policy != "memory":
+    if output.device.type != "cpu" or wq is None or wq.policy not in ("memory", "int8-packed"):
         return
     free = _free_heap_bytes()
     if free is None or free() > TRIM_FREE_BYTES:

@@ -9,6 +9,8 @@ Two policies trade memory for time:
   per call (about 7% of the matmul for a 600M FFN layer at 1024 tokens on CPU).
 - "speed": the first forward unpacks once into a cached tensor in the compute dtype, and later calls
   are a plain matmul. Resident memory is then that of a full-precision model in the compute dtype.
+- "int8" / "int8-packed" (CPU): integer compute with 8-bit activations, codes resident as int8 or kept
+  packed (see terdit.deploy.cpu_int8); calls the integer path does not take run like "memory".
 
 Inference only: weights have no gradient. If autograd is recording with an input that needs grad, the
 memory policy unpacks into a fresh tensor instead of the shared scratch (autograd would keep a reference).
@@ -20,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from terdit.deploy import cpu_int8
 from terdit.deploy.kernels import find_kernel
 from terdit.models.terdit import Attention, FeedForward
 from terdit.quant.packing import DIGITS, code_lut, rows_shape, unpack_rows, unpack_rows_into
 
-POLICIES: tuple[str, ...] = ("memory", "speed")
+POLICIES: tuple[str, ...] = ("memory", "speed", *cpu_int8.INT8_POLICIES)
 # Memory policy: a layer whose unpacked weight is larger than this is unpacked and multiplied in blocks of
 # output rows, so the shared scratch stays small (4.2B: 16 MiB instead of 96 MiB for an FFN weight).
 SCRATCH_LIMIT_BYTES = 16 * 2**20
@@ -80,6 +83,7 @@ class PackedLinear(nn.Module):
         self.scratch = scratch if scratch is not None else Scratch()
         self.scratch_limit = SCRATCH_LIMIT_BYTES
         self._cached: torch.Tensor | None = None
+        self._prepacked: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 policy: oneDNN weight, handle
 
     @property
     def unpacked_numel(self) -> int:
@@ -95,6 +99,30 @@ class PackedLinear(nn.Module):
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
         self._cached = None
+        self._prepacked = None
+
+    def int8_codes(self) -> torch.Tensor:
+        """The codes as a resident contiguous int8 [out, in] tensor ("int8" policy; unpacked on first use)."""
+        cached = self._cached
+        if cached is None or cached.dtype != torch.int8:
+            buf = torch.empty(self.unpacked_numel, dtype=torch.int8, device=self.packed.device)
+            codes = cpu_int8.unpack_codes_into(self.packed, self.fmt, buf)[:, : self.in_features]
+            self._cached = cached = codes.contiguous()
+        return cached
+
+    def int8_weight(self) -> torch.Tensor:
+        """"int8" policy: the codes prepacked for oneDNN's int8 matmul (resident; the int8 codes are then
+        dropped), as the handle `cpu_int8` multiplies with; the plain int8 codes where oneDNN is missing."""
+        if not torch.backends.mkldnn.is_available():
+            return self.int8_codes()
+        if self._prepacked is None:
+            self._prepacked = cpu_int8.prepack(self.int8_codes())
+            self._cached = None
+        return self._prepacked[1]
+
+    def int8_path(self, x: torch.Tensor) -> bool:
+        """Whether a call with input `x` takes the integer path (int8 policies, see terdit.deploy.cpu_int8)."""
+        return find_kernel(self.fmt, x, self.policy) is cpu_int8.int8_kernel and cpu_int8.accepts(self, x)
 
     def _row_block(self, dtype: torch.dtype) -> int:
         """Output rows unpacked at once under the memory policy (all of them unless over scratch_limit)."""
@@ -132,7 +160,7 @@ class PackedLinear(nn.Module):
         return self._unpack(buf, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernel = find_kernel(self.fmt, x)
+        kernel = find_kernel(self.fmt, x, self.policy)
         if kernel is not None:
             y = kernel(self, x)
             if y is not None:  # None: the kernel declined this call (dtype, autograd, ...)
@@ -154,7 +182,7 @@ class PackedLinear(nn.Module):
         """Whether a call with input `x` takes the unpack-into-scratch path (memory policy, no kernel, no grad)."""
         return (
             self.policy == "memory"
-            and find_kernel(self.fmt, x) is None
+            and find_kernel(self.fmt, x, self.policy) is None
             and not (torch.is_grad_enabled() and x.requires_grad)
         )
 
@@ -176,7 +204,7 @@ class PackedLinear(nn.Module):
         return self._unpack_bytes(packed, buf, dtype)[:, : c1 - c0]
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
-        self._cached = None  # moved or cast: the cache is rebuilt on the next call
+        self._cached = self._prepacked = None  # moved or cast: the caches are rebuilt on the next call
         return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
@@ -207,6 +235,8 @@ class PackedAttention(Attention):
         return max(1, min(w._row_block(dtype) for w in (self.wq, self.wk, self.wv)) // self.head_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if all(isinstance(w, PackedLinear) and w.int8_path(x) and w.bias is None for w in (self.wq, self.wk, self.wv)):
+            return self.int8_forward(x)
         group = self.heads_per_block(x.dtype)
         projections = (self.wq, self.wk, self.wv)
         if (
@@ -229,6 +259,19 @@ class PackedAttention(Attention):
             ).transpose(1, 2)
             del q, k, v  # before the next group's are allocated
         return self.wo(out.view(b, n, -1))
+
+    def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention.forward with x quantized once for wq, wk and wv (the integer path)."""
+        layers = (self.wq, self.wk, self.wv)
+        codes, alphas = cpu_int8.layer_codes(*layers), [w.alphas for w in layers]
+        q, k, v = cpu_int8.run(cpu_int8.shared_input_fn, x.reshape(-1, x.shape[-1]), codes, alphas)
+        del codes
+        shape = (*x.shape[:2], self.n_heads, self.head_dim)
+        q = self.rope(self.q_norm(q).view(shape))
+        k = self.rope(self.k_norm(k).view(shape))
+        v = v.view(shape)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.wo(out.transpose(1, 2).reshape(*x.shape[:2], -1))
 
 
 class PackedFeedForward(FeedForward):
@@ -256,6 +299,8 @@ class PackedFeedForward(FeedForward):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w1, w2, w3 = self.w1, self.w2, self.w3
+        if all(isinstance(w, PackedLinear) and w.int8_path(x) and w.bias is None for w in (w1, w2, w3)):
+            return self.int8_forward(x)
         if not all(isinstance(w, PackedLinear) and w.blockwise(x) for w in (w1, w2, w3)):
             return super().forward(x)
         hidden = w1.out_features
@@ -273,6 +318,14 @@ class PackedFeedForward(FeedForward):
             out.add_(w2.bias.to(out.dtype))
         return out.view(*x.shape[:-1], w2.out_features)
 
+    def int8_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """FeedForward.forward on the integer path: x quantized once for w1 and w3, and the SwiGLU product
+        kept in fp32 and quantized for w2 in place (no rounding to x's dtype in between)."""
+        layers = (self.w1, self.w3, self.w2)
+        codes, alphas = cpu_int8.layer_codes(*layers), [w.alphas for w in layers]
+        y = cpu_int8.run(cpu_int8.swiglu_fn, x.reshape(-1, x.shape[-1]), codes, alphas)
+        return y.view(*x.shape[:-1], self.w2.out_features)
+
 
 def set_policy(model: nn.Module, policy: str) -> None:
     """Switch every PackedLinear of `model` to `policy` (drops cached weights when leaving "speed")."""
@@ -282,10 +335,12 @@ def set_policy(model: nn.Module, policy: str) -> None:
 
 
 def warm_cache(model: nn.Module, dtype: torch.dtype) -> None:
-    """Unpack now, so the first forward of a "speed" model does not pay for it."""
+    """Unpack now, so the first forward of a "speed" (or "int8") model does not pay for it."""
     for m in model.modules():
         if isinstance(m, PackedLinear) and m.policy == "speed":
             m.weight_for(dtype)
+        elif isinstance(m, PackedLinear) and m.policy == "int8" and m.packed.device.type == "cpu":
+            m.int8_weight()
 
 
 def reserve_scratch(model: nn.Module, dtype: torch.dtype) -> None:

@@ -3,6 +3,10 @@
 TerDiT's quantizer (paper eq. 2-4): W~ = alpha * RoundClip(W / (gamma + eps), -1, 1) with
 gamma = mean|W|. gamma only sets the rounding threshold; the output scale is the learned alpha.
 Training uses a straight-through estimator; export, packing and PTQ reuse `ternarize`.
+
+`act_bits = 8` (`terdit train --act-bits 8`, `set_act_bits`) also rounds each layer's input per token to
+8 bits (BitNet b1.58's absmax quantizer, straight-through), the arithmetic of the CPU integer path
+(terdit.deploy.cpu_int8), so a model trained that way is exact on it.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class TernaryLinear(nn.Linear):
         self.alpha_init = alpha_init
         self.granularity = granularity
         self.alphas = nn.Parameter(torch.ones(1, device=device, dtype=dtype))
+        self.act_bits: int | None = None  # 8: BitNet-style 8-bit activations (see set_act_bits)
 
     @torch.no_grad()
     def reset_alpha(self, generator: torch.Generator | None = None) -> None:
@@ -110,8 +115,27 @@ class TernaryLinear(nn.Linear):
         return ternary_weight(self.weight, self.alphas, self.granularity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_bits is not None:
+            from terdit.quant.bitnet import quantize_activations  # here: bitnet imports this module
+
+            x = quantize_activations(x)
         w = self.quantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, ternary, alpha_init={self.alpha_init}, gamma={self.granularity}"
+        acts = "" if self.act_bits is None else f", act_bits={self.act_bits}"
+        return f"{super().extra_repr()}, ternary, alpha_init={self.alpha_init}, gamma={self.granularity}{acts}"
+
+
+ACT_BITS: tuple[int, ...] = (8,)  # activation widths with a quantizer (and an integer path) behind them
+
+
+def set_act_bits(model: nn.Module, bits: int | None) -> int:
+    """Quantize the inputs of every TernaryLinear of `model` to `bits` (8) per token, or not (None).
+    Returns the number of layers changed."""
+    if bits is not None and bits not in ACT_BITS:
+        raise ValueError(f"act_bits must be one of {ACT_BITS} or None, got {bits!r}")
+    layers = [m for m in model.modules() if isinstance(m, TernaryLinear)]
+    for m in layers:
+        m.act_bits = bits
+    return len(layers)

@@ -1,0 +1,198 @@
+"""Ternary integer path on CPU vs full precision in bf16 (what a CPU user picks) and fp32.
+
+    python benchmarks/cpu_int8.py            # TerDiT-600M, batch 1 and 4, 1 and 2 threads (~10 min)
+    python benchmarks/cpu_int8.py --quick    # batch 1, 2 threads, 2 rounds, no fp32 (~2 min)
+    python benchmarks/cpu_int8.py --eager    # the integer path without torch.compile (smaller, slower)
+    python benchmarks/cpu_int8.py --config TerDiT-Digits --batch 4 --threads 1 --json out.json
+
+One sampling step = one guided model call for `batch` images (2 x batch forward rows, 256 tokens each for
+600M), random weights (ternary codes uniform in {-1, 0, 1}). Variants, each loaded once:
+
+    fp32         full-precision twin (linear="fp"), fp32 compute
+    fp-bf16      full-precision twin, bf16 compute (oneDNN's bf16 matmuls)
+    int8         ternary, codes resident as int8, integer matmuls, the rest in bf16
+    int8-packed  ternary, 2-bit packed, unpacked to int8 block by block, integer matmuls, the rest in bf16
+    (--float-policies adds the packed "memory" and "speed" policies in bf16, the float paths)
+
+Time: all variants in one process per (threads, batch), interleaved round by round in rotating order after a
+warm-up round (terdit.deploy.bench_worker); ratios are medians (and minima) of per-round ratios, so a burst
+of load on a shared machine hits both sides of a ratio. Peak memory: a fresh process per variant and batch
+(RSS high-water mark during two steps, after loading), at the largest thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from terdit.deploy.bench import random_deploy_dir
+from terdit.deploy.cpu_int8 import has_int8_dot
+from terdit.models.configs import get_config
+
+# name -> (checkpoint, policy, compute dtype)
+VARIANTS = {
+    "fp32": ("fp", "memory", "fp32"),
+    "fp-bf16": ("fp", "memory", "bf16"),
+    "int8": ("ternary", "int8", "bf16"),
+    "int8-packed": ("ternary", "int8-packed", "bf16"),
+    "memory-bf16": ("ternary", "memory", "bf16"),
+    "speed-bf16": ("ternary", "speed", "bf16"),
+}
+TARGETS = {"int8": (1.4, 0.55), "int8-packed": (1.0, 0.35)}  # (speed-up vs fp-bf16 >=, peak vs fp-bf16 <=)
+
+
+def _worker(args: list[str], threads: int, timeout: float, eager: bool = False) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    if eager:
+        env["TERDIT_CPU_COMPILE"] = "0"
+    cmd = [sys.executable, "-m", "terdit.deploy.bench_worker", *args, "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _spec(dirs: dict[str, Path], name: str) -> list[str]:
+    ckpt, policy, dtype = VARIANTS[name]
+    return ["--dir", str(dirs[ckpt]), "--policy", policy, "--dtype", dtype]
+
+
+def _ratios(a: list[float], b: list[float]) -> list[float]:
+    return [x / y for x, y in zip(a, b)]
+
+
+def run(a: argparse.Namespace, log=print) -> dict:
+    cfg = get_config(a.config)
+    fp_cfg = get_config(a.config, ternary=False) if cfg.ternary else cfg
+    out: dict = {
+        "config": a.config,
+        "variants": a.variants,
+        "repeats": a.repeats,
+        "cpu_int8_dot": has_int8_dot(),
+        "cpu_count": os.cpu_count(),
+        "compile": not a.eager,
+        "torch": torch.__version__,
+        "times": [],
+        "memory": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="terdit-cpu-int8-") as tmp:
+        root = Path(tmp)
+        log(f"[cpu_int8] writing random {a.config} checkpoints (full precision and 2-bit ternary) ...")
+        dirs = {"fp": random_deploy_dir(fp_cfg, "fp", root / "fp", store_dtype="bf16"),
+                "ternary": random_deploy_dir(cfg, "2bit", root / "2bit", store_dtype="bf16")}
+        for threads in a.threads:
+            for batch in a.batch:
+                names = [n for n in a.variants if not (n == "fp32" and batch in a.skip_fp32_batch)]
+                args = ["times", "--batch", str(batch), "--repeats", str(a.repeats)]
+                for n in names:
+                    args += _spec(dirs, n)
+                t0 = time.perf_counter()
+                r = _worker(args, threads, a.timeout, a.eager)
+                steps = dict(zip(names, r["step_s"]))
+                row = {"threads": threads, "batch": batch, "step_s": steps, "loadavg_1min": r["loadavg_1min"],
+                       "wall_s": time.perf_counter() - t0}
+                for base in ("fp-bf16", "fp32"):
+                    if base in steps:
+                        row[f"speedup_vs_{base}"] = {
+                            n: {"median": statistics.median(_ratios(steps[base], s)),
+                                "min": min(_ratios(steps[base], s)),
+                                "max": max(_ratios(steps[base], s))}
+                            for n, s in steps.items() if n != base
+                        }
+                out["times"].append(row)
+                log(format_times(row))
+        if a.memory:
+            threads = max(a.threads)
+            for batch in a.batch:
+                for n in a.variants:
+                    if n == "fp32" and batch in a.skip_fp32_batch:
+                        continue
+                    args = ["memory", "--batch", str(batch), *_spec(dirs, n)]
+                    r = _worker(args, threads, a.timeout, a.eager)
+                    out["memory"].append({"variant": n, "batch": batch, "peak_mb": r["peak_step_mb"],
+                                          "rss_after_load_mb": r["rss_after_load_mb"], "peak_kind": r["peak_kind"]})
+                    log(f"[cpu_int8] peak memory batch {batch} {n:<12} {r['peak_step_mb']:8.0f} MB "
+                        f"(after load {r['rss_after_load_mb']:.0f} MB)")
+    out["targets"] = targets(out)
+    return out
+
+
+def format_times(row: dict) -> str:
+    lines = [f"[cpu_int8] threads {row['threads']}, batch {row['batch']} "
+             f"(load {row['loadavg_1min'][0]:.1f} -> {row['loadavg_1min'][1]:.1f}, {row['wall_s']:.0f} s):"]
+    for n, s in row["step_s"].items():
+        parts = [f"  {n:<12} median {statistics.median(s):7.3f} s  min {min(s):7.3f} s"]
+        for base in ("fp-bf16", "fp32"):
+            sp = row.get(f"speedup_vs_{base}", {}).get(n)
+            if sp:
+                parts.append(f"x{sp['median']:.2f} vs {base} (min x{sp['min']:.2f}, max x{sp['max']:.2f})")
+        lines.append("  ".join(parts))
+    return "\n".join(lines)
+
+
+def targets(out: dict) -> dict:
+    """The issue's targets, per measured (threads, batch): speed-up vs fp-bf16 (median) and peak memory ratio."""
+    peak = {(m["variant"], m["batch"]): m["peak_mb"] for m in out["memory"]}
+    res = {}
+    for row in out["times"]:
+        for n, (speed, mem) in TARGETS.items():
+            sp = row.get("speedup_vs_fp-bf16", {}).get(n)
+            if sp is None:
+                continue
+            key = f"{n} threads={row['threads']} batch={row['batch']}"
+            ratio = None
+            if (n, row["batch"]) in peak and ("fp-bf16", row["batch"]) in peak:
+                ratio = peak[(n, row["batch"])] / peak[("fp-bf16", row["batch"])]
+            res[key] = {"speedup": sp["median"], "speedup_target": speed, "peak_ratio": ratio, "peak_target": mem,
+                        "met": sp["median"] >= speed and ratio is not None and ratio <= mem}
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="TerDiT-600M")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--threads", type=int, nargs="+", default=None,
+                   help="thread counts (default: 1 and 2, and all cores where there are more)")
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds after a warm-up round (default 3: ~10 min)")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["fp-bf16", "fp32", "int8", "int8-packed"])
+    p.add_argument("--float-policies", action="store_true", help="also the packed memory / speed policies in bf16")
+    p.add_argument("--skip-fp32-batch", type=int, nargs="*", default=[],
+                   help="batch sizes timed without the (slow) fp32 variant")
+    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    p.add_argument("--eager", action="store_true",
+                   help="integer path without torch.compile (TERDIT_CPU_COMPILE=0: ~200 MB smaller, slower)")
+    p.add_argument("--quick", action="store_true", help="batch 1, 2 threads, 2 rounds, no fp32")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
+    p.add_argument("--json", type=Path, default=None)
+    a = p.parse_args(argv)
+    if a.threads is None:
+        a.threads = sorted({1, 2, os.cpu_count() or 2})
+    if a.float_policies:
+        a.variants += [v for v in ("memory-bf16", "speed-bf16") if v not in a.variants]
+    if a.quick:
+        a.batch, a.threads, a.repeats = [1], [2], 2
+        a.variants = [v for v in a.variants if v != "fp32"]
+    if "fp-bf16" not in a.variants:
+        p.error("--variants must include fp-bf16 (every ratio is taken against it)")
+    a.variants = ["fp-bf16"] + [v for v in a.variants if v != "fp-bf16"]
+    out = run(a)
+    for key, t in out["targets"].items():
+        pr = "n/a" if t["peak_ratio"] is None else f"{t['peak_ratio']:.3f}"
+        print(f"target {key}: speed-up x{t['speedup']:.2f} (>= {t['speedup_target']}), peak {pr} of fp-bf16 "
+              f"(<= {t['peak_target']}) -> {'MET' if t['met'] else 'NOT met'}")
+    if a.json:
+        a.json.write_text(json.dumps(out, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

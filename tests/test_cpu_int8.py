@@ -1,0 +1,268 @@
+"""The CPU integer path of ternary layers (terdit.deploy.cpu_int8): int8 activations x int8 codes.
+
+References are independent float64 computations of the same quantized arithmetic; the fallbacks are
+compared bit for bit with the exact float path ("memory" policy). TERDIT_CPU_INT8=1 forces the path on
+CPUs without int8 dot products too (torch._int_mm is exact there, only slower), so these run everywhere.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from random_models import random_micro
+
+from terdit.deploy import PackedLinear, cpu_int8, export_model, load_deployed, set_policy
+from terdit.deploy import kernels as seam
+from terdit.deploy.packed_linear import PackedFeedForward
+from terdit.models.configs import get_config
+from terdit.models.terdit import FeedForward
+from terdit.quant.bitnet import quantize_activations
+from terdit.quant.packing import pack_rows
+
+FORMATS = ["2bit", "base3"]
+POLICIES = list(cpu_int8.INT8_POLICIES)
+
+
+@pytest.fixture(autouse=True)
+def int8_on(monkeypatch):
+    monkeypatch.setenv("TERDIT_CPU_INT8", "1")
+    monkeypatch.setenv("TERDIT_CPU_COMPILE", "0")  # eager: the same functions, without compile time
+    monkeypatch.delenv("TERDIT_NO_KERNELS", raising=False)
+
+
+def make_layer(fmt: str, n: int, k: int, policy: str, seed: int = 0, bias: bool = True):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, 2, (n, k), generator=g, dtype=torch.int8)
+    layer = PackedLinear(k, n, bias, fmt, policy)
+    with torch.no_grad():
+        layer.packed.copy_(pack_rows(codes, fmt)[0])
+        layer.alphas.fill_(float(torch.rand(1, generator=g)) + 0.1)
+        if bias:
+            layer.bias.copy_(torch.randn(n, generator=g))
+    return layer, codes
+
+
+def quantized_reference(x: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, bias) -> torch.Tensor:
+    """Per-token absmax int8 activations (BitNet's definition, in fp32, written out here) times alpha * codes,
+    the product and scaling in float64."""
+    x32 = x.float().reshape(-1, x.shape[-1])
+    scale = 127 / x32.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+    q = (x32 * scale).round().clamp(-127, 127)
+    y = (q.double() @ codes.double().T) * alpha.double() / scale.double()
+    if bias is not None:
+        y = y + bias.double()
+    return y.view(*x.shape[:-1], codes.shape[0])
+
+
+def test_quantize_tokens_matches_unfused_definition():
+    x = torch.randn(3, 7, 40) * torch.rand(3, 7, 1) * 5
+    x[0, 0] = 0  # an all-zero token: scale from the eps floor, codes 0
+    qt = cpu_int8.quantize_tokens(x)
+    assert qt.q.dtype == torch.int8 and qt.q.shape == (21, 40) and qt.lead == (3, 7) and qt.scale.shape == (21, 1)
+    assert int(qt.q.abs().max()) == 127 and not qt.q[0].any()
+    # BitNet's fake quantization (float ops, one per step) gives exactly the value the integers stand for
+    assert torch.equal(cpu_int8.dequantize_tokens(qt), quantize_activations(x))
+    bf = x.bfloat16()
+    assert torch.equal(cpu_int8.dequantize_tokens(cpu_int8.quantize_tokens(bf)), quantize_activations(bf.float()))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("m,k,n", [(1, 37, 19), (5, 64, 48), (18, 130, 33)])
+def test_int8_layer_matches_quantized_float_reference(fmt, policy, m, k, n):
+    layer, codes = make_layer(fmt, n, k, policy, seed=m + k)
+    x = torch.randn(m, k)
+    with torch.no_grad():
+        y = layer(x)
+    ref = quantized_reference(x, codes, layer.alphas, layer.bias)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_integer_accumulation_is_exact(fmt, policy, monkeypatch):
+    # alpha 1 and one scale per token of exactly 1 (each token's absmax is 127): the output is the integer
+    # dot product itself. With K = 4099 and |q| = 127 the sums reach ~5e5.
+    k, n = 4099, 23
+    layer, codes = make_layer(fmt, n, k, policy, bias=False)
+    layer.alphas.data.fill_(1.0)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randint(-127, 128, (6, k), generator=g)
+    q[:, 0] = 127
+    q[3] = torch.where(codes[0] >= 0, 127, -127)  # a token that hits the largest possible sum
+    with torch.no_grad():
+        y = layer(q.float())
+    exact = q.long() @ codes.long().T
+    assert torch.equal(y, exact.float()) and int(exact[3, 0]) == 127 * int(codes[0].abs().sum()) > 2**18
+
+
+def test_block_paths_match_reference():
+    """PackedFeedForward quantizes x once for w1 and w3 and the fp32 SwiGLU product for w2."""
+    torch.manual_seed(0)
+    dim, hidden = 48, 96
+    layers = {}
+    codes = {}
+    for name, (i, o) in {"w1": (dim, hidden), "w2": (hidden, dim), "w3": (dim, hidden)}.items():
+        layers[name], codes[name] = make_layer("2bit", o, i, "int8", seed=len(layers), bias=False)
+    ff = FeedForward.__new__(FeedForward)
+    torch.nn.Module.__init__(ff)
+    ff.w1, ff.w2, ff.w3 = layers["w1"], layers["w2"], layers["w3"]
+    block = PackedFeedForward(ff)
+    x = torch.randn(2, 5, dim)
+    with torch.no_grad():
+        y = block(x)
+
+    def ref(name, v):
+        return quantized_reference(v, codes[name], layers[name].alphas, None)
+
+    h = F.silu(ref("w1", x)) * ref("w3", x)
+    torch.testing.assert_close(y.double(), ref("w2", h), rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("why", ["no-int8-cpu", "no-kernels", "float64", "autograd"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_fallbacks_take_the_exact_path(why, policy, monkeypatch):
+    layer, codes = make_layer("base3", 20, 36, policy)
+    exact, _ = make_layer("base3", 20, 36, "memory")
+    x = torch.randn(3, 36, dtype=torch.float64 if why == "float64" else torch.float32)
+    if why == "no-int8-cpu":
+        monkeypatch.setenv("TERDIT_CPU_INT8", "0")
+    if why == "no-kernels":
+        monkeypatch.setenv("TERDIT_NO_KERNELS", "1")
+    if why == "autograd":
+        x.requires_grad_(True)
+    assert not layer.int8_path(x)
+    y = layer(x)
+    assert torch.equal(y, exact(x))
+    assert (y.grad_fn is not None) == (why == "autograd")
+    float_ref = x.detach().double() @ (layer.alphas.double() * codes.double()).T + layer.bias.double()
+    torch.testing.assert_close(y.detach().double(), float_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_flags_decide(monkeypatch):
+    monkeypatch.delenv("TERDIT_CPU_INT8")
+    monkeypatch.setattr(cpu_int8, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
+    assert not cpu_int8.has_int8_dot()
+    monkeypatch.setattr(cpu_int8, "cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
+    assert cpu_int8.has_int8_dot() == torch.backends.mkldnn.is_available()
+
+
+def test_registry_policy_lookup():
+    x = torch.zeros(1, 4)
+    for policy in POLICIES:
+        assert seam.find_kernel("2bit", x, policy) is cpu_int8.int8_kernel
+    assert seam.find_kernel("2bit", x, "memory") is None and seam.find_kernel("2bit", x) is None
+
+    def any_policy(layer, x):
+        return None
+
+    seam.register_kernel("2bit", "cpu", any_policy)
+    try:
+        assert seam.find_kernel("2bit", x, "memory") is any_policy
+        assert seam.find_kernel("2bit", x, "int8") is cpu_int8.int8_kernel  # the policy's own kernel wins
+    finally:
+        seam.unregister_kernel("2bit", "cpu")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_deployed_model_int8_policies(fmt, tmp_path, monkeypatch):
+    """A whole model: the int8 policies stay close to the exact path, and equal it where int8 is off."""
+    from terdit.diffusion.guidance import guided_model_fn
+
+    model = random_micro(seed=3)
+    export_model(model, tmp_path / "dep", fmt)
+    cfg = get_config("TerDiT-Micro")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    y, t = torch.tensor([1, 4]), torch.tensor([10, 700])
+
+    def run(m):
+        with torch.inference_mode():
+            return guided_model_fn(m, y, 2.0, null_class=cfg.num_classes)(x, t)
+
+    exact = run(load_deployed(tmp_path / "dep", policy="memory"))
+    for policy in POLICIES:
+        dep = load_deployed(tmp_path / "dep", policy=policy)
+        out = run(dep)
+        err = float((out - exact).norm() / exact.norm())
+        assert 1e-7 < err < 0.03, (policy, err)  # activations are rounded to 8 bits: close, not equal
+        monkeypatch.setenv("TERDIT_CPU_INT8", "0")
+        assert torch.equal(run(dep), exact)
+        monkeypatch.setenv("TERDIT_CPU_INT8", "1")
+        set_policy(dep, "memory")
+        assert torch.equal(run(dep), exact)
+
+
+@pytest.mark.parametrize("weights", ["codes", "prepacked"])
+def test_compiled_matches_eager(weights, monkeypatch):
+    """torch.compile of the fused units gives the eager values (one tiny SwiGLU, compiled once), with int8
+    codes (torch._int_mm) and with oneDNN-prepacked weights behind the terdit::qlinear_u8 op."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 32).bfloat16()
+    codes = [torch.randint(-1, 2, s, dtype=torch.int8) for s in ((64, 32), (64, 32), (32, 64))]
+    alphas = [torch.rand(1) + 0.1 for _ in codes]
+    if weights == "prepacked":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("no oneDNN")
+        keep = [cpu_int8.prepack(c) for c in codes]
+        codes = [handle for _, handle in keep]
+    eager = cpu_int8.swiglu_fn(x, codes, alphas)
+    monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
+    if not cpu_int8.compile_enabled():
+        pytest.skip("torch.compile failed earlier in this process")
+    with torch.inference_mode():
+        compiled = cpu_int8.run(cpu_int8.swiglu_fn, x, codes, alphas)
+    if not cpu_int8.compile_enabled():
+        pytest.skip("torch.compile is not available here (the eager path ran)")
+    torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2 * float(eager.abs().max()))
+
+
+def test_act_bits_qat_layer_and_train_args():
+    """--act-bits 8: a TernaryLinear rounds its input exactly as the integer path, with straight-through grads."""
+    from terdit.errors import TerditError
+    from terdit.quant.ternary import TernaryLinear, set_act_bits
+    from terdit.train import TrainArgs
+
+    torch.manual_seed(0)
+    layer = TernaryLinear(40, 24, bias=True)
+    assert set_act_bits(torch.nn.Sequential(layer), 8) == 1 and "act_bits=8" in repr(layer)
+    x = torch.randn(3, 5, 40, requires_grad=True)
+    y = layer(x)
+    with torch.no_grad():
+        w = layer.quantized_weight()
+        ref = quantized_reference(x, (w / layer.alphas).round().to(torch.int8), layer.alphas, layer.bias)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand_as(x))  # straight through the rounding
+    with pytest.raises(ValueError):
+        set_act_bits(layer, 4)
+    with pytest.raises(TerditError, match="--act-bits"):
+        TrainArgs(act_bits=4).validate()
+
+
+def test_act_bits_model_is_what_the_integer_path_computes(tmp_path):
+    """A model with 8-bit activation QAT, exported: the int8 policy reproduces it (to float rounding, and
+    the odd activation that rounds the other way), far closer than the exact path does."""
+    from terdit.diffusion.guidance import guided_model_fn
+    from terdit.quant.ternary import set_act_bits
+
+    model = random_micro(seed=4)
+    export_model(model, tmp_path / "dep", "2bit")
+    set_act_bits(model, 8)
+    cfg = model.config
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t, y = torch.tensor([5, 300, 900]), torch.tensor([0, 2, 7])
+    def run(m):
+        with torch.inference_mode():
+            return guided_model_fn(m, y, 3.0, null_class=cfg.num_classes)(x, t)
+
+    qat = run(model)
+    int8 = run(load_deployed(tmp_path / "dep", policy="int8"))
+    exact = run(load_deployed(tmp_path / "dep", policy="memory"))
+
+    def rel(a):
+        return float((a - qat).norm() / qat.norm())
+
+    assert rel(int8) < 1e-3 and rel(exact) > 10 * rel(int8), (rel(int8), rel(exact))
