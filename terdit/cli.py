@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "terdit.deploy.cli",
     "terdit.analysis",
     "terdit.reproduce",
+    "terdit.distill",
 ]
 
 

@@ -202,7 +202,7 @@ class Trainer:
                 stored[key] = getattr(a, key)
             stored.update(resume=True, out=str(self.out))
             self.args = a = TrainArgs(**{k: v for k, v in stored.items() if k in TrainArgs.__dataclass_fields__})
-            self.config = runlib.load_config(self.out)
+            self.config = self._load_config()
         else:
             if runlib.checkpoint_dirs(self.out):
                 raise TerditError(f"--out {self.out} already holds a run; pass --resume or choose another --out")
@@ -225,9 +225,7 @@ class Trainer:
     # -- training ----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         a, d = self.args, self.dist
-        data = open_training_data(a.data, resolution=a.resolution, vae=a.vae, seed=a.seed, flip=a.flip,
-                                  vae_sample=a.vae_sample, class_map=a.class_map, num_workers=a.num_workers,
-                                  strict=a.strict_data) if a.data else open_training_data(None)
+        data = self._open_data()
         if self.config is None:
             self.config = self._build_config(data)
         self._decode = data.decode
@@ -239,7 +237,7 @@ class Trainer:
         barrier(d)
 
         torch.manual_seed(a.seed)
-        model = TerDiT(cfg)
+        model = self._build_model(cfg)
         ckpt = runlib.latest_checkpoint(self.out) if a.resume else None
         if ckpt is not None:
             runlib.load_weights_into(model, ckpt / "model.safetensors")
@@ -294,7 +292,7 @@ class Trainer:
                     sync = model.no_sync()
                 with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                           enabled=self.autocast_dtype is not None):
-                    terms = diffusion.training_losses(lambda xt, tt, y=y: model(xt, tt, y), x, t, noise)
+                    terms = self._losses(model, diffusion, x, t, noise, y)
                     loss = terms["loss"].mean()
                     (loss / a.grad_accum).backward()
                 terms_sum += torch.stack([loss.detach(), terms["mse"].mean().detach(),
@@ -333,7 +331,26 @@ class Trainer:
         shutdown(d)
         return last
 
-    # -- pieces -----------------------------------------------------------------------------------------------
+    # -- pieces (the seams `terdit distill` overrides: data, model, config, loss) ----------------------------
+    def _load_config(self) -> Any:
+        return runlib.load_config(self.out)
+
+    def _open_data(self) -> TrainingData:
+        a = self.args
+        if not a.data:
+            return open_training_data(None)
+        return open_training_data(a.data, resolution=a.resolution, vae=a.vae, seed=a.seed, flip=a.flip,
+                                  vae_sample=a.vae_sample, class_map=a.class_map, num_workers=a.num_workers,
+                                  strict=a.strict_data)
+
+    def _build_model(self, cfg: Any) -> nn.Module:
+        return TerDiT(cfg)
+
+    def _losses(self, model: nn.Module, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor,
+                noise: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample loss terms of one micro-batch: "loss", "mse" and (learned sigma) "vb"."""
+        return diffusion.training_losses(lambda xt, tt: model(xt, tt, y), x, t, noise)
+
     def _wrap(self, model: nn.Module, ema: nn.Module) -> tuple[nn.Module, nn.Module]:
         d, a = self.dist, self.args
         if not d.enabled:
