@@ -48,7 +48,7 @@ from terdit.diffusion.gaussian import mean_flat
 from terdit.errors import TerditError
 from terdit.io import atomic_write_text, read_json
 from terdit.models.configs import TerDiTConfig
-from terdit.quant.ternarize import names_filter, paper_filter, ternarize_
+from terdit.quant.ternarize import add_adaln_norm_, names_filter, paper_filter, ternarize_
 from terdit.train import TrainArgs, Trainer, _derived_seed
 
 DISTILL_FILE = "distill.json"
@@ -195,6 +195,8 @@ def make_student(teacher: nn.Module, spec: TerDiTConfig | StudentSpec) -> nn.Mod
     """A ternarized copy of the teacher (paper filter), trainable, with label dropout off (labels are explicit)."""
     student = copy.deepcopy(teacher).requires_grad_(True)
     ternarize_(student, names_filter(spec.ternary_layers) if isinstance(spec, StudentSpec) else paper_filter)
+    if isinstance(spec, TerDiTConfig) and spec.adaln_norm and not _terdit_config(teacher).adaln_norm:
+        add_adaln_norm_(student)
     if isinstance(getattr(student, "config", None), TerDiTConfig):
         student.config = spec
     for m in student.modules():  # TerDiT's LabelEmbedder and diffusers' LabelEmbedding
@@ -258,6 +260,7 @@ class DistillArgs:
     pool_steps: int = 25
     pool_cfg: list[float] = field(default_factory=lambda: [1.0, 4.0])
     uncond_prob: float = 0.1
+    adaln_norm: bool = False  # terdit teachers: add TerDiT's RMSNorm after the ternary adaLN (add_adaln_norm_)
 
     def validate(self) -> None:
         checks = [
@@ -291,6 +294,10 @@ class Distiller(Trainer):
             distill.teacher = str(local.resolve())
         self.distill = distill
         self.teacher, self.spec = load_teacher(distill.teacher, distill.subfolder, self.device)
+        if distill.adaln_norm:
+            if not isinstance(self.spec, TerDiTConfig):
+                raise TerditError("--adaln-norm: only terdit teachers have the adaLN layout it extends")
+            self.spec = dataclasses.replace(self.spec, adaln_norm=True)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(dataclasses.asdict(distill), indent=2) + "\n")
@@ -376,7 +383,8 @@ def load_student(run: str | Path, ema: bool = True, device: str | torch.device =
 # -- the command ----------------------------------------------------------------------------------------------
 # `terdit train` flags that mean the same for distill; model-shape and init flags come from the teacher instead.
 _SHARED_TRAIN_FLAGS = {
-    "steps", "batch_size", "grad_accum", "lr_drop_step", "weight_decay", "ema_decay", "grad_clip", "seed",
+    "steps", "batch_size", "grad_accum", "lr", "lr_drop_step", "lr_after_drop", "weight_decay", "ema_decay",
+    "grad_clip", "seed",
     "ckpt_every", "keep_checkpoints", "log_every", "sample_every", "sample_cfg", "parallel", "device", "dtype",
     "grad_checkpointing", "tensorboard", "progress", "resume", "resolution", "vae", "flip", "vae_sample",
     "class_map", "strict_data",
@@ -390,14 +398,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subfolder", default=None, help="subfolder of --teacher holding the transformer")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--data", default=None, help="real images or latents instead of the teacher's samples")
-    p.add_argument("--lr", type=float, default=1e-4,
-                   help="learning rate (default 1e-4: lower than from scratch, the student starts at the teacher)")
-    p.add_argument("--lr-after-drop", type=float, default=2e-5)
     p.add_argument("--pool-size", type=positive_int, default=1024, help="teacher samples per pool")
     p.add_argument("--pool-reuse", type=positive_int, default=4, help="passes over a pool before it is redrawn")
     p.add_argument("--pool-steps", type=positive_int, default=25, help="DDIM steps the teacher samples with")
     p.add_argument("--pool-cfg", type=nonneg_float, nargs="+", default=[1.0, 4.0], help="guidance of pool samples")
     p.add_argument("--uncond-prob", type=nonneg_float, default=0.1, help="fraction of null-class targets")
+    p.add_argument("--adaln-norm", action="store_true",
+                   help="terdit teachers: add TerDiT's RMSNorm after each ternary adaLN (the paper's fix for "
+                        "inflated modulation; on the digits teacher ternarize_ did not inflate it)")
     # every other run-control flag is `terdit train`'s own (steps, batch size, EMA, checkpoints, resume, ...)
     train = sub.choices.get("train")
     if train is None:

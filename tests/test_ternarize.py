@@ -92,3 +92,17 @@ def test_filters():
     assert not paper_filter(model[2], "layers.0.w")  # already ternary
     assert paper_filter(nn.Linear(2, 2), "layers.3.attention.wq")
     assert not paper_filter(nn.Linear(2, 2), "layers.3.t_embedder.mlp.0")
+
+
+def test_adaln_norm_makes_a_terdit_with_the_papers_norm():
+    from terdit.models import TerDiT, get_config
+    from terdit.quant.ternarize import adaln_inflation, add_adaln_norm_
+
+    teacher = random_micro(ternary=False)
+    student = random_micro(ternary=False)
+    ternarize_(student)
+    assert add_adaln_norm_(student) == 2
+    TerDiT(get_config("TerDiT-Micro", adaln_norm=True)).load_state_dict(student.state_dict(), strict=True)
+    assert 0.1 < adaln_inflation(student, teacher) < 10
+    with pytest.raises(TerditError, match="already"):
+        add_adaln_norm_(student)

@@ -143,3 +143,51 @@ def ternarize_(model: nn.Module, filter_fn: FilterFn | None = None, granularity:
 def ternary_layer_names(model: nn.Module) -> list[str]:
     """The TernaryLinear layers of a model, by module name."""
     return [n for n, m in model.named_modules() if isinstance(m, TernaryLinear)]
+
+
+def _conditions(model: nn.Module) -> torch.Tensor:
+    """terdit's conditioning vectors c = t_emb + y_emb over timesteps 0, 10, ..., 990 and every class row."""
+    table = model.y_embedder.embedding_table.weight
+    t = torch.arange(0, 1000, 10, device=table.device).repeat_interleave(table.shape[0])
+    y = torch.arange(table.shape[0], device=table.device).repeat(100)
+    return model.t_embedder(t) + table[y]
+
+
+@torch.no_grad()
+def add_adaln_norm_(model: nn.Module, eps: float = 1e-5) -> int:
+    """TerDiT's RMSNorm after each block's adaLN linear, added to a terdit model that lacks it; returns how many.
+
+    The paper adds it because ternary adaLN weights inflate the modulation (and so the activations). Its
+    weight starts at the per-channel least-squares scale that maps the normalised modulation back to the
+    model's current one over a grid of timesteps and classes, so the model's function barely changes.
+    Only terdit's block layout (`layers[i].adaLN_modulation` = SiLU, Linear) is supported.
+    """
+    from terdit.models.terdit import RMSNorm
+
+    blocks = [b for b in getattr(model, "layers", []) if isinstance(getattr(b, "adaLN_modulation", None),
+                                                                       nn.Sequential)]
+    if not blocks or not hasattr(model, "t_embedder") or not hasattr(model, "y_embedder"):
+        raise TerditError(f"{type(model).__name__}: no terdit adaLN blocks to add an RMSNorm to")
+    if any(len(b.adaLN_modulation) > 2 for b in blocks):
+        raise TerditError("the model already has an RMSNorm after adaLN")
+    c = _conditions(model)
+    for block in blocks:
+        x = block.adaLN_modulation(c).float()
+        norm = RMSNorm(x.shape[1], eps).to(c.device)
+        n = norm(x)  # weight ones: x / rms(x)
+        scale = (x * n).mean(0) / n.pow(2).mean(0).clamp_min(1e-12)
+        norm.weight.copy_(scale)  # the least-squares w in w * n ~ x
+        block.adaLN_modulation.append(norm)
+    return len(blocks)
+
+
+@torch.no_grad()
+def adaln_inflation(student: nn.Module, teacher: nn.Module) -> float:
+    """Mean over blocks of rms(student adaLN output) / rms(teacher's), over a grid of timesteps and classes:
+    how much ternarizing the adaLN linears inflates the modulation (the paper's reason for its RMSNorm)."""
+    cs, ct = _conditions(student), _conditions(teacher)
+    ratios = []
+    for net_s, net_t in zip(student.layers, teacher.layers, strict=True):
+        ratios.append(float(net_s.adaLN_modulation(cs).pow(2).mean().sqrt() /
+                            net_t.adaLN_modulation(ct).pow(2).mean().sqrt()))
+    return sum(ratios) / len(ratios)
