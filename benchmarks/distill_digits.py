@@ -59,16 +59,16 @@ def measure(method: str, a: argparse.Namespace, seed: int) -> dict:
         model = (runlib.load_run_model(a.teacher_run) if method == "teacher"
                  else ptq_model(Path(a.teacher_run), "ternary", "tensor", ckpt)[0])
         rows.append({"step": 0, **_metrics(ev, model, a.cfg)})
-        return {"method": method, "seed": seed, "rows": rows, "train_s": 0.0}
+        return {"method": method, "seed": seed, "cfg": a.cfg, "rows": rows, "train_s": 0.0}
     out = Path(a.workdir) / f"{method}-s{seed}"
     train_s = _train(method, a, seed, out)
     if train_s != train_s:  # reused: keep the time measured when it was trained
-        old = Path(a.workdir) / "results" / f"{method}-s{seed}.json"
-        train_s = json.loads(old.read_text())["train_s"] if old.is_file() else float("nan")
+        old = sorted((Path(a.workdir) / "results").glob(f"{method}-s{seed}-cfg*.json"))
+        train_s = json.loads(old[0].read_text())["train_s"] if old else float("nan")
     for ckpt in runlib.checkpoint_dirs(out):
         model = runlib.load_run_model(out, checkpoint=ckpt)
         rows.append({"step": int(ckpt.name), **_metrics(ev, model, a.cfg)})
-    return {"method": method, "seed": seed, "rows": rows, "train_s": train_s, "steps": a.steps}
+    return {"method": method, "seed": seed, "cfg": a.cfg, "rows": rows, "train_s": train_s, "steps": a.steps}
 
 
 def _metrics(ev: Evaluator, model: torch.nn.Module, cfg: float) -> dict:
@@ -84,26 +84,31 @@ def _mean_sd(values: list[float]) -> str:
 
 def report(workdir: Path) -> None:
     results = [json.loads(p.read_text()) for p in sorted((workdir / "results").glob("*.json"))]
+    for cfg in sorted({r["cfg"] for r in results}):
+        _report_cfg([r for r in results if r["cfg"] == cfg], cfg)
+
+
+def _report_cfg(results: list[dict], cfg: float) -> None:
     by_method: dict[str, list[dict]] = {}
     for r in results:
         by_method.setdefault(r["method"], []).append(r)
-    teacher_fid = statistics.mean(r["rows"][0]["fid"] for r in by_method.get("teacher", [])) \
-        if "teacher" in by_method else None
-    print(f"{'method':<9} {'step':>6} {'seeds':>5} {'FID (mean ± sd)':>18} {'class acc':>16} {'wall s':>8}")
+    print(f"\nguidance {cfg:g}")
+    print(f"{'method':<9} {'step':>6} {'seeds':>5} {'FID (mean ± sd)':>18} {'class acc':>16} {'wall s':>10}")
     for method, runs in by_method.items():
         steps = sorted({row["step"] for r in runs for row in r["rows"]})
         for step in steps:
             rows = [row for r in runs for row in r["rows"] if row["step"] == step]
             wall = [r["train_s"] * step / r["steps"] for r in runs if r.get("steps") and r["train_s"] == r["train_s"]]
             print(f"{method:<9} {step:>6} {len(rows):>5} {_mean_sd([x['fid'] for x in rows]):>18} "
-                  f"{_mean_sd([x['class_acc'] for x in rows]):>16} {(_mean_sd(wall) if wall else '-'):>8}")
-    if teacher_fid is not None:
+                  f"{_mean_sd([x['class_acc'] for x in rows]):>16} {(_mean_sd(wall) if wall else '-'):>10}")
+    if "teacher" in by_method:
+        teacher_fid = statistics.mean(r["rows"][0]["fid"] for r in by_method["teacher"])
         bar = FID_RATIO * teacher_fid
-        print(f"\nteacher FID {teacher_fid:.3g}; bar = {FID_RATIO} x teacher = {bar:.3g}")
+        print(f"teacher FID {teacher_fid:.3g} (mean over seeds' sampling noise); bar = {FID_RATIO} x = {bar:.3g}")
         for method in ("distill", "qat"):
-            for r in by_method.get(method, []):
+            for r in sorted(by_method.get(method, []), key=lambda r: r["seed"]):
                 hit = next((row["step"] for row in r["rows"] if row["fid"] <= bar), None)
-                print(f"  {method} seed {r['seed']}: first checkpoint at or under the bar: {hit or 'none'}")
+                print(f"  {method} seed {r['seed']}: first checkpoint with FID <= bar: {hit or 'none'}")
 
 
 def main() -> None:
@@ -134,7 +139,8 @@ def main() -> None:
         for seed in a.seeds:
             for method in a.methods:
                 result = measure(method, a, seed)
-                (workdir / "results" / f"{method}-s{seed}.json").write_text(json.dumps(result, indent=2) + "\n")
+                path = workdir / "results" / f"{method}-s{seed}-cfg{a.cfg:g}.json"
+                path.write_text(json.dumps(result, indent=2) + "\n")
                 print(json.dumps({k: result[k] for k in ("method", "seed")}), result["rows"][-1], flush=True)
     report(workdir)
 

@@ -114,3 +114,15 @@ def test_bad_teacher_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "missing" in err and len(err.strip().splitlines()) == 1
     assert main(["distill", "--teacher", "x", "--out", str(tmp_path / "r"), "--pool-steps", "0"]) == 2
+
+
+def test_data_flag_uses_real_inputs_and_checks_their_shape(tmp_path, capsys):
+    micro = tmp_path / "micro"
+    random_micro(ternary=False).save_pretrained(micro)  # 4x8x8 latents: the digits (1x8x8) do not fit
+    assert main(["distill", "--teacher", str(micro), "--out", str(tmp_path / "bad"), "--data", "digits"]) == 2
+    assert "1x8x8" in capsys.readouterr().err
+    digits = tmp_path / "digits"
+    random_micro(ternary=False, in_channels=1).save_pretrained(digits)
+    run = tmp_path / "run"
+    distill(TrainArgs(out=str(run), steps=2, data="digits", **SMALL), DistillArgs(teacher=str(digits)))
+    assert len((run / "log.jsonl").read_text().splitlines()) == 2
