@@ -336,6 +336,11 @@ class Distiller(Trainer):
         return distill_losses(model, self.teacher, diffusion, x, t, noise, y, self.null_class,
                               self.distill.uncond_prob)
 
+    def _wrap(self, model: nn.Module, ema: nn.Module) -> tuple[nn.Module, nn.Module]:
+        if self.dist.enabled and self.args.parallel == "fsdp" and not hasattr(model, "layers"):
+            raise TerditError("--parallel fsdp shards terdit's blocks; for a diffusers student use ddp")
+        return super()._wrap(model, ema)
+
     def _sample_grid(self, ema: nn.Module, path: Path, writer, step: int) -> None:
         view = ema if isinstance(self.config, TerDiTConfig) else SampleView(ema, self.config)
         super()._sample_grid(view, path, writer, step)
