@@ -9,7 +9,7 @@ from a pool of x_0 the *teacher itself* drew (data-free, as 1.58-bit FLUX). The 
   sampling at that scale visits);
 * is redrawn after the training loop has passed over it `pool_reuse` times, from a seed that is a pure function
   of (seed, round), so a resumed run redraws the very same pool and resume stays exact. Cost of one round:
-  pool_size * pool_steps * 2 teacher forwards (the 2: guidance), against pool_reuse * pool_size / batch_size
+  pool_size * pool_steps * 1 to 2 teacher forwards (2 where guided), against pool_reuse * pool_size / batch_size
   training steps of 3 forward-equivalents each. Every process draws the whole pool (no communication).
 
 Timesteps are uniform over the 1000 training steps, labels are replaced by the null class with probability
@@ -223,10 +223,11 @@ class TeacherPool(Dataset):
 
     @torch.no_grad()
     def draw(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Round r's pool: item k has class k mod K and guidance cfgs[k mod len(cfgs)] (a pure function of r)."""
+        """Round r's pool: item k has class (k + r * size) mod K, guidance cfgs[k mod len(cfgs)]; a pure function
+        of r, so a resumed run redraws the same pool."""
         from terdit.sample import sample_latents
 
-        labels = torch.arange(self.size) % self.num_classes
+        labels = (torch.arange(self.size) + r * self.size) % self.num_classes  # every class over the rounds
         scales = torch.tensor([self.cfgs[k % len(self.cfgs)] for k in range(self.size)])
         xs = torch.empty(self.size, self.view.config.in_channels, self.view.config.input_size,
                          self.view.config.input_size)
@@ -256,8 +257,8 @@ class DistillArgs:
     teacher: str = ""
     subfolder: str | None = None
     pool_size: int = 1024
-    pool_reuse: int = 4
-    pool_steps: int = 25
+    pool_reuse: int = 8
+    pool_steps: int = 20
     pool_cfg: list[float] = field(default_factory=lambda: [1.0, 4.0])
     uncond_prob: float = 0.1
     adaln_norm: bool = False  # terdit teachers: add TerDiT's RMSNorm after the ternary adaLN (add_adaln_norm_)
@@ -404,8 +405,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--data", default=None, help="real images or latents instead of the teacher's samples")
     p.add_argument("--pool-size", type=positive_int, default=1024, help="teacher samples per pool")
-    p.add_argument("--pool-reuse", type=positive_int, default=4, help="passes over a pool before it is redrawn")
-    p.add_argument("--pool-steps", type=positive_int, default=25, help="DDIM steps the teacher samples with")
+    p.add_argument("--pool-reuse", type=positive_int, default=8, help="passes over a pool before it is redrawn")
+    p.add_argument("--pool-steps", type=positive_int, default=20, help="DDIM steps the teacher samples with")
     p.add_argument("--pool-cfg", type=nonneg_float, nargs="+", default=[1.0, 4.0], help="guidance of pool samples")
     p.add_argument("--uncond-prob", type=nonneg_float, default=0.1, help="fraction of null-class targets")
     p.add_argument("--adaln-norm", action="store_true",
