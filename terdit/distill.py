@@ -23,7 +23,7 @@ match, "vb" the learned-variance match.
 Teachers: anything `TerDiT.from_pretrained` opens (its student is an ordinary terdit run: sample, evaluate,
 export, info work on it), or a diffusers transformer (local folder or Hub id, `--subfolder`; a pipeline repo
 uses its transformer/). A diffusers student's run stores the diffusers config and the ternarized layer names;
-`load_student` rebuilds it and `export_student` / `load_packed_student` pack it and load it back.
+`load_student` rebuilds it; `terdit.deploy.foreign.export_foreign` / `load_foreign` pack it and load it back.
 """
 
 from __future__ import annotations
