@@ -126,3 +126,22 @@ def test_data_flag_uses_real_inputs_and_checks_their_shape(tmp_path, capsys):
     run = tmp_path / "run"
     distill(TrainArgs(out=str(run), steps=2, data="digits", **SMALL), DistillArgs(teacher=str(digits)))
     assert len((run / "log.jsonl").read_text().splitlines()) == 2
+
+
+def test_model_output_accepts_tensors_tuples_and_sample_objects():
+    from types import SimpleNamespace
+
+    x = torch.randn(2, 4, 8, 8)
+    t, y = torch.tensor([1, 2]), torch.tensor([0, 1])
+    assert model_output(lambda *a: x, x, t, y) is x
+    assert model_output(lambda *a: (x,), x, t, y) is x
+    assert model_output(lambda *a: SimpleNamespace(sample=x), x, t, y) is x
+    with pytest.raises(Exception, match="not a tensor"):
+        model_output(lambda *a: "nope", x, t, y)
+
+
+def test_load_foreign_rejects_other_directories(tmp_path):
+    from terdit.errors import TerditError
+
+    with pytest.raises(TerditError, match="not a packed diffusers directory"):
+        load_foreign(tmp_path)
