@@ -43,10 +43,10 @@ def _train(method: str, a: argparse.Namespace, seed: int, out: Path) -> float:
     common = dict(out=str(out), steps=a.steps, batch_size=a.batch_size, seed=seed, ckpt_every=a.eval_every,
                   keep_checkpoints=10_000, progress=False, tensorboard=False, sample_steps=10, log_every=50)
     t0 = time.perf_counter()
-    if method == "distill":
+    if method.startswith("distill"):  # "distill-norm": with TerDiT's RMSNorm after adaLN (--adaln-norm)
         Distiller(TrainArgs(lr=a.distill_lr, **common),
                   DistillArgs(teacher=a.teacher_run, pool_size=a.pool_size, pool_reuse=a.pool_reuse,
-                              pool_steps=a.pool_steps)).run()
+                              pool_steps=a.pool_steps, adaln_norm=method == "distill-norm")).run()
     else:  # QAT from scratch, terdit train's defaults (lr 5e-4)
         Trainer(TrainArgs(**common)).run()
     return time.perf_counter() - t0
@@ -106,7 +106,7 @@ def _report_cfg(results: list[dict], cfg: float) -> None:
         teacher_fid = statistics.mean(r["rows"][0]["fid"] for r in by_method["teacher"])
         bar = FID_RATIO * teacher_fid
         print(f"teacher FID {teacher_fid:.3g} (mean over seeds' sampling noise); bar = {FID_RATIO} x = {bar:.3g}")
-        for method in ("distill", "qat"):
+        for method in ("distill", "distill-norm", "qat"):
             for r in sorted(by_method.get(method, []), key=lambda r: r["seed"]):
                 hit = next((row["step"] for row in r["rows"] if row["fid"] <= bar), None)
                 print(f"  {method} seed {r['seed']}: first checkpoint with FID <= bar: {hit or 'none'}")
@@ -117,7 +117,7 @@ def main() -> None:
     p.add_argument("--workdir", default="runs/distill-study")
     p.add_argument("--teacher-run", default=None, help="full-precision digits run (terdit train --no-ternary)")
     p.add_argument("--methods", nargs="+", default=["teacher", "ptq", "distill", "qat"],
-                   choices=["teacher", "ptq", "distill", "qat"])
+                   choices=["teacher", "ptq", "distill", "distill-norm", "qat"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--eval-every", type=int, default=100)
