@@ -94,13 +94,13 @@ def _report_cfg(results: list[dict], cfg: float) -> None:
     for r in results:
         by_method.setdefault(r["method"], []).append(r)
     print(f"\nguidance {cfg:g}")
-    print(f"{'method':<9} {'step':>6} {'seeds':>5} {'FID (mean ± sd)':>18} {'class acc':>16} {'wall s':>10}")
+    print(f"{'method':<13} {'step':>6} {'seeds':>5} {'FID (mean ± sd)':>18} {'class acc':>16} {'wall s':>10}")
     for method, runs in by_method.items():
         steps = sorted({row["step"] for r in runs for row in r["rows"]})
         for step in steps:
             rows = [row for r in runs for row in r["rows"] if row["step"] == step]
             wall = [r["train_s"] * step / r["steps"] for r in runs if r.get("steps") and r["train_s"] == r["train_s"]]
-            print(f"{method:<9} {step:>6} {len(rows):>5} {_mean_sd([x['fid'] for x in rows]):>18} "
+            print(f"{method:<13} {step:>6} {len(rows):>5} {_mean_sd([x['fid'] for x in rows]):>18} "
                   f"{_mean_sd([x['class_acc'] for x in rows]):>16} {(_mean_sd(wall) if wall else '-'):>10}")
     if "teacher" in by_method:
         teacher_fid = statistics.mean(r["rows"][0]["fid"] for r in by_method["teacher"])
