@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "terdit.deploy.cli",
     "terdit.analysis",
     "terdit.reproduce",
+    "terdit.distill",
 ]
 
 

@@ -280,7 +280,7 @@ class Trainer:
         if a.resume:
             runlib.require_run(self.out)
             self.args = a = self._resumed_args(runlib.load_train_args(self.out, required=True))
-            self.config = runlib.load_config(self.out)
+            self.config = self._load_config()
             last = int(runlib.latest_checkpoint(self.out).name)
             if a.steps < last:
                 raise TerditError(f"--steps {a.steps} is below the run's step {last} "
@@ -388,7 +388,7 @@ class Trainer:
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise TerditError(f"{ckpt / 'train_state.pt'}: does not fit this run ({type(e).__name__}: {e})") from e
 
-    def _loss(self, model: nn.Module, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor,
+    def _losses(self, model: nn.Module, diffusion: GaussianDiffusion, x: torch.Tensor, t: torch.Tensor,
               noise: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The training terms of one micro-batch ("loss", "mse", optionally "vb"); subclasses may replace it."""
         return diffusion.training_losses(lambda xt, tt: model(xt, tt, y, return_dict=False)[0], x, t, noise)
@@ -403,7 +403,7 @@ class Trainer:
         micro = self._check_batch(cfg)
 
         torch.manual_seed(a.seed)
-        model = TerDiT(cfg)
+        model = self._build_model(cfg)
         if a.act_bits is not None and not set_act_bits(model, a.act_bits):
             raise TerditError(f"--act-bits needs ternary layers (config linear={cfg.linear!r})")
         ckpt = runlib.latest_checkpoint(self.out) if a.resume else None
@@ -465,7 +465,7 @@ class Trainer:
                     sync = model.no_sync()
                 with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                           enabled=self.autocast_dtype is not None):
-                    terms = self._loss(model, diffusion, x, t, noise, y)
+                    terms = self._losses(model, diffusion, x, t, noise, y)
                     loss = terms["loss"].mean()
                     (loss / a.grad_accum).backward()
                 terms_sum += torch.stack([loss.detach(), terms["mse"].mean().detach(),
@@ -553,7 +553,13 @@ class Trainer:
             for sig, old in previous.items():
                 signal.signal(sig, old)
 
-    # -- pieces -----------------------------------------------------------------------------------------------
+    # -- pieces (the seams `terdit distill` overrides: data, model, config, loss) ----------------------------
+    def _load_config(self) -> Any:
+        return runlib.load_config(self.out)
+
+    def _build_model(self, cfg: Any) -> nn.Module:
+        return TerDiT(cfg)
+
     def _wrap(self, model: nn.Module, ema: nn.Module) -> tuple[nn.Module, nn.Module]:
         d, a = self.dist, self.args
         if not d.enabled:
