@@ -120,8 +120,12 @@ class SampleView(nn.Module):
         self.model, self.config = model, config
         self.eval()  # samplers restore the mode they found: a view made in train mode would put the model in it
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model_output(self.model, x, t, y)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_dict: bool = True) -> Any:
+        """The contract of terdit's and diffusers' DiT models: an output with `.sample`, or a 1-tuple."""
+        from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+        out = model_output(self.model, x, t, y)
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
 
 # -- teachers ------------------------------------------------------------------------------------------------
@@ -158,8 +162,7 @@ def _terdit_config(model: nn.Module) -> TerDiTConfig:
     cfg = model.config
     if isinstance(cfg, TerDiTConfig):
         return cfg
-    known = {f.name for f in dataclasses.fields(TerDiTConfig)}
-    return TerDiTConfig.from_dict({k: v for k, v in dict(cfg).items() if k in known})
+    return TerDiTConfig.from_model_config(dict(cfg))
 
 
 def load_teacher(name: str, subfolder: str | None = None, device: str | torch.device = "cpu",
@@ -197,8 +200,8 @@ def make_student(teacher: nn.Module, spec: TerDiTConfig | StudentSpec) -> nn.Mod
     ternarize_(student, names_filter(spec.ternary_layers) if isinstance(spec, StudentSpec) else paper_filter)
     if isinstance(spec, TerDiTConfig) and spec.adaln_norm and not _terdit_config(teacher).adaln_norm:
         add_adaln_norm_(student)
-    if isinstance(getattr(student, "config", None), TerDiTConfig):
-        student.config = spec
+    if isinstance(spec, TerDiTConfig) and hasattr(student, "register_to_config"):
+        student.register_to_config(**spec.model_kwargs())  # the student's own config: ternary, adaLN norm
     for m in student.modules():  # TerDiT's LabelEmbedder and diffusers' LabelEmbedding
         if hasattr(m, "embedding_table") and hasattr(m, "dropout_prob"):
             m.dropout_prob = 0.0

@@ -12,7 +12,10 @@ from terdit.errors import TerditError
 
 def activation_floor(cfg, batch: int, training: bool) -> int:
     """Bytes of one fp32 residual stream for `batch` images, kept for every block when training: a floor
-    (training keeps several such tensors per block for backward)."""
+    (training keeps several such tensors per block for backward); 0 for a config that does not say (a
+    distilled diffusers student's)."""
+    if not all(hasattr(cfg, k) for k in ("input_size", "patch_size", "dim", "depth")):
+        return 0
     tokens = (cfg.input_size // cfg.patch_size) ** 2
     return batch * tokens * cfg.dim * (cfg.depth if training else 1) * 4
 
