@@ -138,7 +138,11 @@ def test_export_run_uses_ema_by_default(tmp_path):
     export_run(tmp_path / "run", tmp_path / "raw", "base3", ema=False)
     with torch.no_grad():
         assert torch.equal(load_deployed(tmp_path / "ema")(x, t, y).sample, random_qat_model(seed=99)(x, t, y).sample)
-        assert torch.equal(load_deployed(tmp_path / "raw")(x, t, y).sample, model(x, t, y).sample)
+        raw, want = load_deployed(tmp_path / "raw")(x, t, y).sample, model(x, t, y).sample
+    # the memory policy sums base3's hidden blocks of w2 separately (blocks of 5 codes): float reassociation only,
+    # 1e-6 here, where the other checkpoint's weights (the EMA) differ by ~0.1
+    torch.testing.assert_close(raw, want, rtol=0, atol=1e-6)
+    assert (load_deployed(tmp_path / "ema")(x, t, y).sample - want).abs().max() > 1e-2
     assert read_config(tmp_path / "ema")[1].source["checkpoint"] == "0000020"
 
 
