@@ -48,7 +48,7 @@ from terdit.diffusion.gaussian import mean_flat
 from terdit.errors import TerditError
 from terdit.io import atomic_write_text, read_json
 from terdit.models.configs import TerDiTConfig
-from terdit.quant.ternarize import add_adaln_norm_, names_filter, paper_filter, ternarize_
+from terdit.quant.module_swap import add_adaln_norm_, names_filter, paper_filter, ternarize_
 from terdit.train import TrainArgs, Trainer, _derived_seed
 
 DISTILL_FILE = "distill.json"

@@ -8,8 +8,8 @@ from random_models import random_micro
 from torch import nn
 
 from terdit.errors import TerditError
+from terdit.quant.module_swap import names_filter, paper_filter, ternarize_
 from terdit.quant.ptq import quantize_model
-from terdit.quant.ternarize import names_filter, paper_filter, ternarize_
 from terdit.quant.ternary import TernaryLinear
 
 
@@ -96,7 +96,7 @@ def test_filters():
 
 def test_adaln_norm_makes_a_terdit_with_the_papers_norm():
     from terdit.models import TerDiT, get_config
-    from terdit.quant.ternarize import adaln_inflation, add_adaln_norm_
+    from terdit.quant.module_swap import adaln_inflation, add_adaln_norm_
 
     teacher = random_micro(ternary=False)
     student = random_micro(ternary=False)
