@@ -64,7 +64,8 @@ def has_weights(path: Path) -> bool:
 
 
 def path_kind(path: str | Path) -> str | None:
-    """'run' | 'deploy' | 'release' | 'pipeline' | 'pretrained' for a local directory terdit can open, else None."""
+    """'run' | 'deploy' | 'release' | 'legacy' | 'pipeline' | 'pretrained' for a local directory terdit can open,
+    else None."""
     from terdit.deploy.format import is_deploy_dir
     from terdit.run import checkpoint_dirs
 
@@ -77,6 +78,8 @@ def path_kind(path: str | Path) -> str | None:
         return "deploy"
     if (p / RELEASE_ARGS).is_file():
         return "release"
+    if (p / CONFIG_FILE).is_file() and (p / DEPLOY_WEIGHTS).is_file() and not has_weights(p):
+        return "legacy"  # terdit 0.1's save_pretrained: TerDiTConfig json + model.safetensors (full state dict)
     if (p / PIPELINE_INDEX).is_file() and (p / "transformer").is_dir():
         return "pipeline"
     if (p / CONFIG_FILE).is_file() and has_weights(p):
@@ -271,7 +274,7 @@ class TerDiTHubMixin:
         kind = path_kind(path)
         if kind == "pipeline":
             path, kind = path / "transformer", path_kind(path / "transformer")
-        if kind in ("run", "deploy", "release"):
+        if kind in ("run", "deploy", "release", "legacy"):
             extra = sorted(set(kwargs) - _TERDIT_LAYOUT_KWARGS)
             if extra:
                 raise TerditError(f"{path}: {', '.join(extra)} do(es) not apply to a {kind} folder")
@@ -358,6 +361,15 @@ def _load_terdit_layout(path: Path, kind: str, *, ema: bool, checkpoint: str | P
 
         model = load_run_model(path, ema=ema, checkpoint=checkpoint, device=str(device))
         model.training_info = load_train_args(path)
+        return model.to(dtype) if dtype is not None else model
+    if kind == "legacy":
+        from terdit.models.configs import TerDiTConfig
+        from terdit.models.terdit import TerDiT
+        from terdit.run import load_weights_into
+
+        model = TerDiT(TerDiTConfig.load(path / CONFIG_FILE))
+        load_weights_into(model, path / DEPLOY_WEIGHTS)
+        model = model.to(device).eval()
         return model.to(dtype) if dtype is not None else model
     from terdit.deploy import load_deployed
 

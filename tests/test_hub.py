@@ -62,6 +62,22 @@ def test_save_pretrained_writes_the_hub_pair_and_loads_back_identically(tmp_path
     assert torch.equal(forward(loaded), forward(model))
 
 
+def test_folder_saved_by_terdit_0_1_still_opens(tmp_path):
+    """terdit 0.1's save_pretrained wrote config.json in the TerDiTConfig form + model.safetensors (a plain
+    state dict); such folders keep opening, in the requested dtype."""
+    model = random_model(seed=3)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(model.config.to_dict()))
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old" / "model.safetensors"),
+              metadata={"format": "pt"})
+    assert hub.path_kind(tmp_path / "old") == "legacy"
+    loaded = TerDiT.from_pretrained(tmp_path / "old")
+    assert loaded.config == model.config and torch.equal(forward(loaded), forward(model))
+    assert TerDiT.from_pretrained(tmp_path / "old", torch_dtype=torch.bfloat16).dtype == torch.bfloat16
+
+
 def test_run_folder_loads_the_latest_ema_weights(run_dir):
     ema = TerDiT.from_pretrained(run_dir)
     raw = TerDiT.from_pretrained(run_dir, ema=False)
