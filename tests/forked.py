@@ -84,3 +84,8 @@ def leftovers(root: Path) -> list[str]:
     names = (p for p in Path(root).rglob("*"))
     return sorted(str(p) for p in names if TMP_RE.match(p.name) or OLD_RE.match(p.name)
                   or re.fullmatch(r"\..*lock", p.name))
+
+
+def tree(path: Path) -> dict[str, bytes]:
+    """Every file below `path` with its bytes: a snapshot to compare before and after a command."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}

@@ -1,5 +1,7 @@
 """Random models shared by tests (not a test module)."""
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL
 
@@ -22,3 +24,12 @@ def tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
                          latent_channels=4, norm_num_groups=4, sample_size=16).eval()
+
+
+def train_micro_run(out: Path, **overrides) -> Path:
+    """A real run folder: TerDiT-Micro trained a few steps, quietly (no TensorBoard, no progress bar)."""
+    from terdit.train import TrainArgs, Trainer
+
+    args = dict(config="TerDiT-Micro", steps=2, batch_size=8, sample_steps=2, tensorboard=False, progress=False)
+    Trainer(TrainArgs(out=str(out), **{**args, **overrides})).run()
+    return out

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from forked import fault_sites, leftovers, terdit
+from forked import fault_sites, leftovers, terdit, tree
 
 from terdit.io import load_tensors
 
@@ -310,9 +310,6 @@ def test_convert_and_quantize_survive_a_kill_at_every_write(tmp_path, monkeypatc
 
     def quantize(d: Path) -> list[str]:
         return ["quantize", str(fp), "--out", str(d / "q")]
-
-    def tree(d: Path) -> dict:
-        return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
     def fresh(d: Path) -> None:
         d.mkdir(parents=True)

@@ -10,7 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from forked import terdit
+from forked import terdit, tree
+from random_models import train_micro_run
 
 from terdit.cli import main
 
@@ -21,16 +22,8 @@ TRAIN = ["train", "--config", "TerDiT-Micro", "--steps", "3", "--batch-size", "4
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    from terdit.train import TrainArgs, Trainer
-
-    out = tmp_path_factory.mktemp("inputs") / "run"
-    Trainer(TrainArgs(out=str(out), config="TerDiT-Micro", steps=3, batch_size=4, ckpt_every=2, log_every=1,
-                      sample_steps=2, tensorboard=False, progress=False)).run()
-    return out
-
-
-def _tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return train_micro_run(tmp_path_factory.mktemp("inputs") / "run", steps=3, batch_size=4, ckpt_every=2,
+                           log_every=1)
 
 
 def _spoil(kind: str, run: Path) -> None:
@@ -80,7 +73,7 @@ def test_a_damaged_run_is_an_input_error_and_stays_as_it_was(run, tmp_path, caps
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     _spoil(damage, copy)
-    before = _tree(copy)
+    before = tree(copy)
     capsys.readouterr()
     if extra is None:
         argv = ["sample", "--run", str(copy), "--steps", "2", "--out", str(tmp_path / "s.png")]
@@ -89,7 +82,7 @@ def test_a_damaged_run_is_an_input_error_and_stays_as_it_was(run, tmp_path, caps
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and "unexpected" not in err, err
-    assert _tree(copy) == before
+    assert tree(copy) == before
     assert not (tmp_path / "s.png").exists()
 
 
@@ -106,21 +99,21 @@ def test_resume_refuses_changed_settings_unless_overridden(run, tmp_path, capsys
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "checkpoints" / "0000003")
-    before = _tree(copy)
+    before = tree(copy)
     for change, name in ((["--batch-size", "8"], "--batch-size 4 -> 8"), (["--lr", "0.001"], "--lr"),
                          (["--grad-accum", "2"], "--grad-accum 1 -> 2"), (["--seed", "3"], "--seed")):
         capsys.readouterr()
         assert main([*TRAIN, "--out", str(copy), "--resume", *change]) == 2
         err = capsys.readouterr().err
         assert name in err and "--override" in err, err
-        assert _tree(copy) == before
+        assert tree(copy) == before
     capsys.readouterr()
     assert main([*TRAIN, "--out", str(copy), "--resume", "--steps", "1"]) == 2
     assert "--steps 1 is below the run's step 2" in capsys.readouterr().err
-    assert _tree(copy) == before
+    assert tree(copy) == before
     assert main([*TRAIN, "--out", str(copy), "--resume", "--no-ternary", "--override"]) == 2
     assert "the model differs from the run's (--ternary True -> False)" in capsys.readouterr().err
-    assert _tree(copy) == before  # the weights fix the model: --override does not change it
+    assert tree(copy) == before  # the weights fix the model: --override does not change it
     assert main([*TRAIN, "--out", str(copy), "--resume", "--lr", "0.001", "--override"]) == 0
     assert json.loads((copy / "train_args.json").read_text())["lr"] == 0.001
     assert [json.loads(x)["lr"] for x in (copy / "log.jsonl").read_text().splitlines()][-1] == 0.001
@@ -161,13 +154,13 @@ def test_bad_arguments_are_one_line_and_write_nothing(run, tmp_path, capsys, arg
     if argv[0] == "train" and "--out" not in argv:
         argv += ["--out", str(tmp_path / "out")]
     argv = [*argv[:1], *(TRAIN[1:] if argv[0] == "train" else []), *argv[1:]]
-    before, run_before = _tree(tmp_path), _tree(run)
+    before, run_before = tree(tmp_path), tree(run)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert _tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["FILE", "FOREIGN"]
-    assert _tree(run) == run_before
+    assert tree(tmp_path) == before and sorted(p.name for p in tmp_path.iterdir()) == ["FILE", "FOREIGN"]
+    assert tree(run) == run_before
 
 
 def test_disk_full_is_an_input_error(run, tmp_path, capsys, monkeypatch):
@@ -197,16 +190,22 @@ def test_sample_npz_never_mixes_parts_of_other_weights_at_the_same_path(tmp_path
     assert not out.exists()
 
 
-def test_extract_latents_redoes_a_truncated_shard(tmp_path, monkeypatch):
-    from terdit.data.latents import LatentDataset
+def _extraction(tmp_path: Path, monkeypatch) -> tuple[Path, list[str]]:
+    """An image folder of 6 images, a tiny VAE, and the extract-latents command (shards of 4) into tmp_path/lat."""
     from terdit.data.synthetic import make_image_folder, save_tiny_vae
-    from terdit.errors import TerditError
 
     monkeypatch.setenv("TERDIT_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "imgs", classes=2, per_class=3, seed=1)
     vae = save_tiny_vae(tmp_path / "vae", (8, 16))
-    argv = ["extract-latents", str(data), "--vae", str(vae), "--out", str(tmp_path / "lat"), "--resolution", "16",
-            "--shard-size", "4", "--num-workers", "0", "--no-progress"]
+    return data, ["extract-latents", str(data), "--vae", str(vae), "--out", str(tmp_path / "lat"), "--resolution",
+                  "16", "--shard-size", "4", "--num-workers", "0", "--no-progress"]
+
+
+def test_extract_latents_redoes_a_truncated_shard(tmp_path, monkeypatch):
+    from terdit.data.latents import LatentDataset
+    from terdit.errors import TerditError
+
+    data, argv = _extraction(tmp_path, monkeypatch)
     assert terdit(argv).rc == 0
     shard = tmp_path / "lat" / "shard-000000.safetensors"
     good = shard.read_bytes()
@@ -248,13 +247,8 @@ def test_a_latent_folder_being_written_is_locked(tmp_path):
 def test_extract_latents_refuses_shards_of_images_replaced_since(tmp_path, monkeypatch):
     from PIL import Image
 
-    from terdit.data.synthetic import make_image_folder, save_tiny_vae
 
-    monkeypatch.setenv("TERDIT_CACHE", str(tmp_path / "cache"))
-    data = make_image_folder(tmp_path / "imgs", classes=2, per_class=3, seed=1)
-    vae = save_tiny_vae(tmp_path / "vae", (8, 16))
-    argv = ["extract-latents", str(data), "--vae", str(vae), "--out", str(tmp_path / "lat"), "--resolution", "16",
-            "--shard-size", "4", "--num-workers", "0", "--no-progress"]
+    data, argv = _extraction(tmp_path, monkeypatch)
     assert terdit(argv, {"TERDIT_FAULT": "rename:shard-000000.safetensors:1"}).rc == 137
     victim = sorted((data / "class_0").iterdir())[0]
     Image.new("RGB", (33, 47), "red").save(victim, format=Image.open(victim).format)  # same name, new image

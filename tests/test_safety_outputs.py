@@ -10,7 +10,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from forked import terdit
+from forked import terdit, tree
+from random_models import train_micro_run
 
 from terdit.cli import main
 
@@ -20,16 +21,7 @@ TRAIN = ["train", "--config", "TerDiT-Micro", "--steps", "2", "--batch-size", "4
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    from terdit.train import TrainArgs, Trainer
-
-    out = tmp_path_factory.mktemp("outputs") / "run"
-    Trainer(TrainArgs(out=str(out), config="TerDiT-Micro", steps=2, batch_size=4, sample_steps=2,
-                      tensorboard=False, progress=False)).run()
-    return out
-
-
-def _tree(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+    return train_micro_run(tmp_path_factory.mktemp("outputs") / "run", batch_size=4)
 
 
 def _refused(argv: list[str], capsys, needle: str) -> None:
@@ -42,12 +34,12 @@ def _refused(argv: list[str], capsys, needle: str) -> None:
 def test_export_onto_its_own_run_is_refused_and_the_run_survives(run, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
-    before = _tree(copy)
+    before = tree(copy)
     _refused(["export", str(copy), "--out", str(copy)], capsys, "is (or holds) the input")
     _refused(["export", str(copy), "--out", str(copy / "checkpoints"), "--overwrite"], capsys,
              "not a deploy directory")
     _refused(["export", str(copy), "--out", str(tmp_path), "--overwrite"], capsys, "the input")
-    assert _tree(copy) == before
+    assert tree(copy) == before
 
 
 def test_export_never_replaces_a_file_or_a_foreign_folder(run, tmp_path, capsys):
@@ -65,11 +57,11 @@ def test_export_never_replaces_a_file_or_a_foreign_folder(run, tmp_path, capsys)
 def test_export_replaces_its_own_kind_only_with_overwrite(run, tmp_path, capsys):
     dep = tmp_path / "dep"
     assert main(["export", str(run), "--format", "base3", "--out", str(dep)]) == 0
-    before = _tree(dep)
+    before = tree(dep)
     _refused(["export", str(run), "--out", str(dep)], capsys, "pass --overwrite")
-    assert _tree(dep) == before
+    assert tree(dep) == before
     assert main(["export", str(run), "--out", str(dep), "--overwrite"]) == 0
-    assert _tree(dep) != before and '"format": "2bit"' in (dep / "config.json").read_text()
+    assert tree(dep) != before and '"format": "2bit"' in (dep / "config.json").read_text()
     (tmp_path / "empty").mkdir()
     assert main(["export", str(run), "--out", str(tmp_path / "empty")]) == 0  # an empty folder is free
 
@@ -91,9 +83,9 @@ def test_quantize_and_convert_refuse_foreign_outputs(tmp_path, capsys):
     _refused(["quantize", str(fp), "--out", str(target)], capsys, "not a quantized run folder")
     _refused(["quantize", str(fp), "--out", str(target), "--overwrite"], capsys, "not a quantized run folder")
     assert (target / "docs" / "a.md").read_text() == "keep"
-    before = _tree(fp)
+    before = tree(fp)
     _refused(["quantize", str(fp), "--out", str(fp)], capsys, "the input")
-    assert _tree(fp) == before
+    assert tree(fp) == before
     rel = tmp_path / "rel"
     rel.mkdir()
     (rel / "model_args.pth").write_bytes(b"")

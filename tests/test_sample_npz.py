@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from random_models import train_micro_run
 
 from terdit import cli
 from terdit.errors import TerditError
@@ -21,17 +22,13 @@ from terdit.mass_sample import (
     sample_npz,
 )
 from terdit.run import load_run_model
-from terdit.train import TrainArgs, Trainer
 
 FAST = dict(num_samples=10, batch_size=4, steps=2, progress=False)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run") / "micro"
-    Trainer(TrainArgs(out=str(out), config="TerDiT-Micro", steps=2, batch_size=8, sample_steps=2,
-                      tensorboard=False, progress=False)).run()
-    return out
+    return train_micro_run(tmp_path_factory.mktemp("run") / "micro")
 
 
 @pytest.fixture(scope="module")
