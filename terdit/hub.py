@@ -45,6 +45,7 @@ from huggingface_hub.utils import (  # huggingface_hub.utils: the errors' home i
 )
 
 from terdit.errors import TerditError
+from terdit.io import follow_umask
 from terdit.modelcard import model_card
 
 CONFIG_FILE = "config.json"
@@ -327,16 +328,6 @@ class TerDiTHubMixin:
             self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
             return api.upload_folder(repo_id=repo_id, folder_path=tmp, create_pr=create_pr,
                                      commit_message=commit_message or f"Upload {type(self).__name__}")
-
-
-def follow_umask(directory: Path, since: float) -> None:
-    """Give files written under `directory` since `since` (a time.time()) the usual mode 0666 & ~umask:
-    safetensors >= 0.5 writes its files 0600, so diffusers' save_pretrained leaves them unreadable to others."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [directory, *directory.rglob("*")]:
-        if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since - 1:
-            path.chmod(0o666 & ~umask)
 
 
 def _short(e: Exception, limit: int = 300) -> str:

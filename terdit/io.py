@@ -76,6 +76,15 @@ def dir_mode() -> int:
     return 0o777 & ~umask()
 
 
+def follow_umask(directory: Path, since: float) -> None:
+    """Give files written under `directory` since `since` (a time.time()) the usual mode 0666 & ~umask: files
+    that other libraries write (safetensors >= 0.5 writes 0600, so diffusers' save_pretrained does too)."""
+    mode = file_mode()
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_file() and not path.is_symlink() and path.stat().st_mtime >= since - 1:
+            path.chmod(mode)
+
+
 def _tmp_sibling(path: Path, directory: bool) -> Path:
     make = tempfile.mkdtemp if directory else tempfile.mkstemp
     made = make(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

@@ -377,7 +377,7 @@ class TerDiTPipeline(DiffusionPipeline):
         """diffusers' save_pretrained (model_index.json + one folder per component), files given the umask's mode."""
         import time
 
-        from terdit.hub import follow_umask
+        from terdit.io import follow_umask
 
         start = time.time()
         super().save_pretrained(save_directory, *args, **kwargs)
