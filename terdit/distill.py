@@ -43,13 +43,14 @@ from torch.utils.data import Dataset
 from terdit import run as runlib
 from terdit.cliargs import nonneg_float, positive_int
 from terdit.data import TrainingData
+from terdit.data.base import derived_seed
 from terdit.diffusion import GaussianDiffusion
 from terdit.diffusion.gaussian import mean_flat
 from terdit.errors import TerditError
 from terdit.io import atomic_write_text, read_json
 from terdit.models.configs import TerDiTConfig
 from terdit.quant.module_swap import add_adaln_norm_, names_filter, paper_filter, ternarize_
-from terdit.train import TrainArgs, Trainer, _derived_seed
+from terdit.train import TrainArgs, Trainer
 
 DISTILL_FILE = "distill.json"
 _POOL = 3  # key space of the pool seeds (train.py uses 1 and 2)
@@ -238,7 +239,7 @@ class TeacherPool(Dataset):
             idx = torch.nonzero(scales == scale).flatten()
             for lo in range(0, len(idx), self.chunk):
                 part = idx[lo:lo + self.chunk]
-                seed = _derived_seed(self.seed, _POOL, r, j, lo)
+                seed = derived_seed(self.seed, _POOL, r, j, lo)
                 xs[part] = sample_latents(self.view, labels[part], cfg_scale=scale, steps=self.steps, sampler="ddim",
                                           seed=seed, device=self.device).cpu()
         return xs, labels

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from terdit.cliargs import add_device_args, add_overwrite_arg, nonneg_float, positive_int
+from terdit.data.base import derived_seed
 from terdit.errors import TerditError
 from terdit.io import atomic_write, atomic_write_text, check_output, clean_leftovers, fault_point, locked
 from terdit.memory import check_batch_fits
@@ -61,11 +62,6 @@ class MassSampleArgs:
     dtype: str | None = None
     progress: bool = True
     overwrite: bool = False
-
-
-def derived_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of the keys (numpy's SeedSequence hashing)."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def num_batches(num_samples: int, batch_size: int) -> int:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -39,6 +38,7 @@ from tqdm.auto import tqdm
 
 from terdit import run as runlib
 from terdit.data import TrainingData, open_training_data
+from terdit.data.base import derived_seed
 from terdit.diffusion import GaussianDiffusion
 from terdit.distributed import DistInfo, barrier, init_distributed, mean_across, shutdown
 from terdit.errors import Interrupted, TerditError
@@ -138,12 +138,6 @@ class TrainArgs:
                 raise TerditError(msg)
 
 
-def _derived_seed(*keys: int) -> int:
-    """A 63-bit seed that is a pure function of the keys (numpy's SeedSequence hashing); shifted as a Python int,
-    as numpy 1.x has no uint64 >> int."""
-    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]) >> 1
-
-
 _DATA_ORDER, _STEP_NOISE = 1, 2  # distinct key spaces for the two uses
 
 
@@ -160,7 +154,7 @@ class StepBatchSampler(Sampler[list[int]]):
 
     def _perm_of(self, epoch: int) -> torch.Tensor:
         if self._perm is None or self._perm[0] != epoch:
-            g = torch.Generator().manual_seed(_derived_seed(self.seed, _DATA_ORDER, epoch))
+            g = torch.Generator().manual_seed(derived_seed(self.seed, _DATA_ORDER, epoch))
             self._perm = (epoch, torch.randperm(self.n, generator=g))
         return self._perm[1]
 
@@ -450,7 +444,7 @@ class Trainer:
             lr = a.lr_after_drop if a.lr_drop_step is not None and step >= a.lr_drop_step else a.lr
             for group in opt.param_groups:
                 group["lr"] = lr
-            torch.manual_seed(_derived_seed(a.seed, _STEP_NOISE, step, d.rank))
+            torch.manual_seed(derived_seed(a.seed, _STEP_NOISE, step, d.rank))
             terms_sum = torch.zeros(3, device=self.device)
             for k in range(a.grad_accum):
                 x, y = next(loader)

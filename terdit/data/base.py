@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -50,6 +51,12 @@ def item_hash(seed: int, v: int, stream: int = 0) -> int:
     z = _splitmix64(z ^ (v & _MASK64))
     z = _splitmix64(z ^ (stream & _MASK64))
     return z >> 1
+
+
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed that is a pure function of the keys (numpy's SeedSequence hashing), for draws keyed by
+    (seed, step, rank, ...); shifted as a Python int, as numpy 1.x has no uint64 >> int."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0]) >> 1
 
 
 def flip_decision(seed: int, v: int) -> bool:
