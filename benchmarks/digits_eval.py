@@ -24,8 +24,8 @@ import torch
 from terdit.data.digits import class_accuracy, digits_classifier
 from terdit.eval import DigitsExtractor, evaluate
 from terdit.eval.digits import digits_split, digits_uint8
-from terdit.mass_sample import MassSampleArgs, sample_npz
-from terdit.sample import to_uint8
+from terdit.sampling.generate import to_uint8
+from terdit.sampling.npz import MassSampleArgs, sample_npz
 
 
 def to_model_space(images: np.ndarray) -> torch.Tensor:
@@ -35,8 +35,8 @@ def to_model_space(images: np.ndarray) -> torch.Tensor:
 
 def default_run(out: Path) -> Path:
     """The run `terdit train` makes with no arguments: reused if `out` already holds a checkpoint."""
-    from terdit.run import checkpoint_dirs
-    from terdit.train import TrainArgs, Trainer
+    from terdit.models.runs import checkpoint_dirs
+    from terdit.training.trainer import TrainArgs, Trainer
 
     if out.is_dir() and checkpoint_dirs(out):
         print(f"reusing the digits run in {out}")

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from terdit import run as runlib
 from terdit.data.digits import class_accuracy, digits_classifier
-from terdit.sample import sample_latents
-from terdit.train import TrainArgs, Trainer
+from terdit.models import runs as runlib
+from terdit.sampling.generate import sample_latents
+from terdit.training.trainer import TrainArgs, Trainer
 
 
 def train_or_reuse(out: Path, steps: int | None, **overrides) -> tuple[Path, float]:

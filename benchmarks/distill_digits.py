@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from terdit import run as runlib
-from terdit.distill import DistillArgs, Distiller
-from terdit.reproduce import Evaluator, Settings, ptq_model
-from terdit.train import TrainArgs, Trainer
+from terdit.experiments.reproduce import Evaluator, Settings, ptq_model
+from terdit.models import runs as runlib
+from terdit.training.distill import DistillArgs, Distiller
+from terdit.training.trainer import TrainArgs, Trainer
 
 FID_RATIO = 1.3  # the bar: a student within 1.3x of its teacher's FID
 

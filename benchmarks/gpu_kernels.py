@@ -181,8 +181,8 @@ def _ternary_dir(config_name: str, workdir: Path, log=print) -> Path:
 def _run_e2e(variant: str, config_name: str, deploy_dir: Path, batch: int, steps: int) -> dict[str, Any]:
     from terdit.deploy import load_deployed
     from terdit.deploy.triton_kernels import disable_triton_kernels, enable_triton_kernels
-    from terdit.sample import sample_latents
-    from terdit.sampling_fast import sample_latents_fast
+    from terdit.sampling.cuda_graph import sample_latents_fast
+    from terdit.sampling.generate import sample_latents
 
     gc.collect()
     torch.cuda.empty_cache()

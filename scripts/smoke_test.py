@@ -18,8 +18,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, DiTPipeli
 import terdit
 from terdit import TerDiT, get_config
 from terdit.deploy import export_model
-from terdit.pipeline import TerDiTPipeline, diffusers_scheduler
-from terdit.train import TrainArgs, Trainer
+from terdit.sampling.pipeline import TerDiTPipeline, diffusers_scheduler
+from terdit.training.trainer import TrainArgs, Trainer
 
 PACKAGES = ["torch", "numpy", "scipy", "scikit-learn", "safetensors", "huggingface_hub", "diffusers", "tqdm",
             "pillow"]

@@ -6,7 +6,7 @@ import sys
 import torch.distributed as dist  # noqa: F401  (torchrun sets the environment)
 
 from terdit.io import save_tensors
-from terdit.train import TrainArgs, Trainer
+from terdit.training.trainer import TrainArgs, Trainer
 
 if __name__ == "__main__":
     args = TrainArgs(**json.loads(sys.argv[1]))

@@ -28,7 +28,7 @@ def tiny_vae() -> AutoencoderKL:
 
 def train_micro_run(out: Path, **overrides) -> Path:
     """A real run folder: TerDiT-Micro trained a few steps, quietly (no TensorBoard, no progress bar)."""
-    from terdit.train import TrainArgs, Trainer
+    from terdit.training.trainer import TrainArgs, Trainer
 
     args = dict(config="TerDiT-Micro", steps=2, batch_size=8, sample_steps=2, tensorboard=False, progress=False)
     Trainer(TrainArgs(out=str(out), **{**args, **overrides})).run()

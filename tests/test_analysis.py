@@ -4,10 +4,10 @@ import json
 
 import torch
 
-from terdit.analysis import adaln_scale_distribution, fig4_activations
 from terdit.cli import main
+from terdit.experiments.analysis import adaln_scale_distribution, fig4_activations
 from terdit.quant import ternarize
-from terdit.train import TrainArgs, Trainer
+from terdit.training.trainer import TrainArgs, Trainer
 
 
 def test_fig4_ternary_without_norm_is_large_and_rmsnorm_restores_the_range():

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from terdit.cli import main
-from terdit.train import TrainArgs, Trainer
+from terdit.training.trainer import TrainArgs, Trainer
 
 
 @pytest.fixture(scope="module")

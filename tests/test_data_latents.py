@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+from terdit.cli.data import main as data_cli
 from terdit.data.base import flip_decision, item_hash
-from terdit.data.cli import main as data_cli
 from terdit.data.images import scan_image_folder
 from terdit.data.latents import (
     LatentDataset,
@@ -77,7 +77,7 @@ def _contents(out: Path) -> dict[str, np.ndarray]:
 
 def _torchrun(args: list[str], nproc: int, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     torchrun = Path(sys.executable).with_name("torchrun")
-    cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "terdit.data.cli", *args]
+    cmd = [str(torchrun), "--standalone", f"--nproc_per_node={nproc}", "-m", "terdit.cli.data", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
 

@@ -9,7 +9,7 @@ from terdit.data.latents import extract_latents
 from terdit.data.synthetic import make_image_folder, save_tiny_vae
 from terdit.errors import TerditError
 from terdit.io import load_tensors
-from terdit.train import TrainArgs, Trainer
+from terdit.training.trainer import TrainArgs, Trainer
 
 FAST = dict(config="TerDiT-Micro", batch_size=4, log_every=1, sample_steps=2, tensorboard=False, progress=False)
 

@@ -10,7 +10,7 @@ import struct
 import pytest
 import torch
 
-from terdit.deploy import cli as deploy_cli
+from terdit.cli import deploy as deploy_cli
 from terdit.deploy import export_model, load_deployed
 from terdit.deploy.bench import format_table, run_bench
 from terdit.deploy.format import WEIGHTS_FILE

@@ -12,8 +12,8 @@ from terdit.deploy.quantize import quantize_run
 from terdit.errors import TerditError
 from terdit.io import save_tensors
 from terdit.models import TerDiT, get_config
+from terdit.models.runs import load_run_model
 from terdit.quant.ptq import fake_quantize, quantize_model, quantize_ternary, quantize_uniform
-from terdit.run import load_run_model
 
 
 def heavy_tailed(out=24, inp=40, seed=0) -> torch.Tensor:

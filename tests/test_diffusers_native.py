@@ -22,7 +22,7 @@ from terdit.deploy import export_model, lexicographic_permutation
 from terdit.diffusion import GaussianDiffusion, guided_model_fn
 from terdit.errors import TerditError
 from terdit.models import TerDiT
-from terdit.pipeline import GaussianDiffusionSampler, TerDiTPipeline, diffusers_scheduler
+from terdit.sampling.pipeline import GaussianDiffusionSampler, TerDiTPipeline, diffusers_scheduler
 
 
 def imagenet_model(seed: int = 0, **overrides) -> TerDiT:

@@ -118,7 +118,7 @@ def test_classifier_free_guidance():
 
 
 def test_sampling_is_deterministic_for_a_seed():
-    from terdit.sample import sample_latents
+    from terdit.sampling.generate import sample_latents
 
     model = _trained_like_micro(4)
     a = sample_latents(model, [1, 2], cfg_scale=2.0, steps=5, seed=7)

@@ -7,9 +7,9 @@ benchmarks/digits_quality.py. Here a shorter run must clear a looser floor, far 
 import pytest
 
 from terdit.data.digits import class_accuracy
-from terdit.run import load_run_model
-from terdit.sample import sample_latents
-from terdit.train import TrainArgs, Trainer
+from terdit.models.runs import load_run_model
+from terdit.sampling.generate import sample_latents
+from terdit.training.trainer import TrainArgs, Trainer
 
 STEPS, FLOOR = 1400, 0.5
 

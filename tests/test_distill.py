@@ -10,7 +10,8 @@ from test_ternarize import tiny_dit
 from terdit.cli import main
 from terdit.deploy.foreign import export_foreign, load_foreign
 from terdit.diffusion import GaussianDiffusion
-from terdit.distill import (
+from terdit.io import load_tensors
+from terdit.training.distill import (
     DistillArgs,
     TeacherPool,
     distill,
@@ -20,8 +21,7 @@ from terdit.distill import (
     make_student,
     model_output,
 )
-from terdit.io import load_tensors
-from terdit.train import TrainArgs
+from terdit.training.trainer import TrainArgs
 
 SMALL = dict(batch_size=8, log_every=1, progress=False, tensorboard=False, sample_steps=4)
 POOL = dict(pool_size=16, pool_steps=3, pool_reuse=1)

@@ -13,13 +13,13 @@ import pytest
 import torch
 from random_models import random_micro as random_model
 
-import terdit.hub as hub
+import terdit.loading.hub as hub
 from terdit.deploy import PackedLinear, export_model, load_deployed
 from terdit.errors import TerditError
 from terdit.io import load_tensors
 from terdit.models import TerDiT
-from terdit.run import load_run_model
-from terdit.train import TrainArgs, Trainer
+from terdit.models.runs import load_run_model
+from terdit.training.trainer import TrainArgs, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,7 +117,7 @@ def test_deploy_directory_loads_packed_and_saves_back_as_deploy(tmp_path, fmt):
 
 
 def test_pipeline_folder_opens_its_transformer(tmp_path):
-    from terdit.pipeline import TerDiTPipeline
+    from terdit.sampling.pipeline import TerDiTPipeline
 
     model = random_model()
     TerDiTPipeline(model).save_pretrained(tmp_path / "pipe")

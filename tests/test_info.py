@@ -9,11 +9,11 @@ import math
 import pytest
 import torch
 
-from terdit import info
 from terdit.deploy import export_model
 from terdit.errors import TerditError
+from terdit.loading import info
 from terdit.models import TerDiT, get_config
-from terdit.train import TrainArgs, Trainer
+from terdit.training.trainer import TrainArgs, Trainer
 
 
 def run_info(capsys, *argv: str) -> str:
@@ -121,8 +121,8 @@ def test_bad_paths_are_user_errors(tmp_path):
 def test_terdit_info_through_the_cli(monkeypatch, capsys, tmp_path):
     from terdit import cli
 
-    if "terdit.info" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "terdit.info"])
+    if "terdit.loading.info" not in cli.COMMAND_MODULES:
+        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "terdit.loading.info"])
     assert cli.main(["info", "TerDiT-Micro", "--batch-size", "2"]) == 0
     assert "batch 2 with guidance (4 rows)" in capsys.readouterr().out
     assert cli.main(["info", str(tmp_path / "nope")]) == 2

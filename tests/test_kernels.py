@@ -1,4 +1,4 @@
-"""Triton packed-ternary kernels (terdit.deploy.triton_kernels) and the CUDA-graph sampler (terdit.sampling_fast).
+"""Triton packed-ternary kernels (terdit.deploy.triton_kernels) and the CUDA-graph sampler (terdit.sampling.cuda_graph).
 
 Without a GPU the kernels run under Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 is set here,
 before triton is imported (only on machines without CUDA, so a GPU session's own Triton code is left
@@ -26,8 +26,8 @@ from terdit.deploy.bench import random_deploy_dir  # noqa: E402
 from terdit.errors import TerditError  # noqa: E402
 from terdit.models import get_config  # noqa: E402
 from terdit.quant.packing import pack_rows  # noqa: E402
-from terdit.sample import sample_latents  # noqa: E402
-from terdit.sampling_fast import predraw_noise, sample_latents_fast  # noqa: E402
+from terdit.sampling.cuda_graph import predraw_noise, sample_latents_fast  # noqa: E402
+from terdit.sampling.generate import sample_latents  # noqa: E402
 
 if tk.INTERPRET:
     DEVICE = "cpu"

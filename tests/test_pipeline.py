@@ -13,14 +13,14 @@ from random_models import random_micro, tiny_vae
 from terdit.diffusion import GaussianDiffusion, guided_model_fn, linear_betas, spaced_timesteps
 from terdit.errors import TerditError
 from terdit.models import TerDiT
-from terdit.pipeline import (
+from terdit.sampling.generate import sample_latents
+from terdit.sampling.pipeline import (
     GaussianDiffusionSampler,
     TerDiTPipeline,
     diffusers_scheduler,
     imagenet_classes,
 )
-from terdit.sample import sample_latents
-from terdit.train import TrainArgs, Trainer
+from terdit.training.trainer import TrainArgs, Trainer
 
 SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"]
 
@@ -225,7 +225,7 @@ def test_pixel_space_run_folder_opens_as_a_pipeline(tmp_path):
 def test_pipeline_hub_id_offline_cached_and_uncached(tmp_path, monkeypatch):
     import time
 
-    import terdit.hub as hub
+    import terdit.loading.hub as hub
 
     monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", True)
     commit = "0123456789abcdef0123456789abcdef01234567"

@@ -17,8 +17,7 @@ from sklearn.linear_model import LogisticRegression
 from terdit import cli
 from terdit.errors import TerditError
 from terdit.eval import DigitsExtractor, digits_uint8
-from terdit.quant.ptq import BLOCK_LINEARS
-from terdit.reproduce import (
+from terdit.experiments.reproduce import (
     VARIANTS,
     Settings,
     final_loss,
@@ -26,9 +25,10 @@ from terdit.reproduce import (
     smooth,
     train_args_for,
 )
-from terdit.run import load_run_model
-from terdit.sample import sample_latents, to_uint8
-from terdit.train import Trainer
+from terdit.models.runs import load_run_model
+from terdit.quant.ptq import BLOCK_LINEARS
+from terdit.sampling.generate import sample_latents, to_uint8
+from terdit.training.trainer import Trainer
 
 QUICK = ["reproduce", "--quick", "--config", "TerDiT-Micro", "--no-progress"]
 METRICS = ("fid", "inception_score", "precision", "recall", "class_acc", "eval_loss")
@@ -37,8 +37,8 @@ METRICS = ("fid", "inception_score", "precision", "recall", "class_acc", "eval_l
 def _main(argv: list[str]) -> int:
     """The real `terdit` entry point, with this command registered even before cli.py lists it."""
     modules = list(cli.COMMAND_MODULES)
-    if "terdit.reproduce" not in modules:
-        modules.append("terdit.reproduce")
+    if "terdit.experiments.reproduce" not in modules:
+        modules.append("terdit.experiments.reproduce")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "COMMAND_MODULES", modules)
         return cli.main(argv)
@@ -220,7 +220,7 @@ def test_impossible_metric_is_a_clear_error(tmp_path, capsys):
     assert "--metrics digits needs the embedded 8x8 digits" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     with pytest.raises(TerditError, match="num-samples"):
-        from terdit.reproduce import reproduce
+        from terdit.experiments.reproduce import reproduce
 
         reproduce(Settings(out=str(tmp_path / "r"), num_samples=5))
 
@@ -245,7 +245,7 @@ def test_final_loss_is_the_mean_of_the_last_tenth():
 
 def test_latent_data_is_measured_by_eval_loss_and_decoded_grids(tmp_path, monkeypatch):
     """Non-digits data (here tiny VAE latents): no digits metrics, an eval loss for every row, decoded grids."""
-    from terdit.data.cli import main as data_cli
+    from terdit.cli.data import main as data_cli
     from terdit.data.synthetic import make_image_folder, save_tiny_vae
 
     monkeypatch.setenv("TERDIT_CACHE", str(tmp_path / "cache"))

@@ -164,12 +164,12 @@ def test_bad_arguments_are_one_line_and_write_nothing(run, tmp_path, capsys, arg
 
 
 def test_disk_full_is_an_input_error(run, tmp_path, capsys, monkeypatch):
-    import terdit.sample
+    import terdit.sampling.generate
 
     def full(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(terdit.sample, "atomic_write", full)
+    monkeypatch.setattr(terdit.sampling.generate, "atomic_write", full)
     capsys.readouterr()
     assert main(["sample", "--run", str(run), "--steps", "2", "--out", str(tmp_path / "s.png")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

@@ -14,14 +14,14 @@ from random_models import train_micro_run
 from terdit import cli
 from terdit.errors import TerditError
 from terdit.eval import load_batch
-from terdit.mass_sample import (
+from terdit.models.runs import load_run_model
+from terdit.sampling.npz import (
     MassSampleArgs,
     batch_labels,
     batch_noise_seed,
     parts_dir,
     sample_npz,
 )
-from terdit.run import load_run_model
 
 FAST = dict(num_samples=10, batch_size=4, steps=2, progress=False)
 
@@ -99,7 +99,7 @@ def _torchrun(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
     launcher = tmp_path / "launch.py"
     launcher.write_text(
         "import sys\nfrom terdit import cli\n"
-        "if 'terdit.mass_sample' not in cli.COMMAND_MODULES:\n    cli.COMMAND_MODULES.append('terdit.mass_sample')\n"
+        "if 'terdit.sampling.npz' not in cli.COMMAND_MODULES:\n    cli.COMMAND_MODULES.append('terdit.sampling.npz')\n"
         "sys.exit(cli.main(sys.argv[1:]))\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # "--" stops torchrun's own parser, which would take --run for an abbreviation of its --run-path
@@ -134,8 +134,8 @@ def test_parts_made_with_other_settings_are_refused(run, tmp_path):
 
 
 def test_cli_errors_are_one_line_exit_2(run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "terdit.mass_sample"]
-                        if "terdit.mass_sample" not in cli.COMMAND_MODULES else cli.COMMAND_MODULES)
+    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "terdit.sampling.npz"]
+                        if "terdit.sampling.npz" not in cli.COMMAND_MODULES else cli.COMMAND_MODULES)
     existing = tmp_path / "done.npz"
     existing.write_bytes(b"x")
     cases = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from terdit.train import TrainArgs, Trainer
+from terdit.training.trainer import TrainArgs, Trainer
 
 SCALARS = ["train/loss", "train/lr", "train/grad_norm", "train/steps_per_s", "train/images_per_s"]
 

@@ -11,7 +11,7 @@ import torch
 
 from terdit.errors import TerditError
 from terdit.io import load_tensors
-from terdit.train import StepBatchSampler, TrainArgs, Trainer
+from terdit.training.trainer import StepBatchSampler, TrainArgs, Trainer
 
 FAST = dict(config="TerDiT-Micro", batch_size=16, log_every=1, sample_steps=4, tensorboard=False, progress=False)
 

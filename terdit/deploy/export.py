@@ -142,7 +142,7 @@ def export_run(
 ) -> Path:
     """Pack the latest checkpoint of a training run (EMA weights by default) into a new deploy directory;
     an existing one is replaced only with `overwrite`."""
-    from terdit.run import latest_checkpoint, load_run_model
+    from terdit.models.runs import latest_checkpoint, load_run_model
 
     check_deploy_out(out, run, overwrite)
     ckpt = latest_checkpoint(run)

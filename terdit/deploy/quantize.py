@@ -23,7 +23,7 @@ def load_source_model(src: str | Path, ema: bool = True) -> tuple[TerDiT, dict, 
     from terdit.deploy.format import is_deploy_dir
     from terdit.deploy.loader import load_deployed
     from terdit.deploy.public import is_release_dir
-    from terdit.run import CONFIG_FILE, latest_checkpoint, load_run_model
+    from terdit.models.runs import CONFIG_FILE, latest_checkpoint, load_run_model
 
     src = Path(src)
     if (src / CONFIG_FILE).is_file() and not is_deploy_dir(src):
@@ -53,7 +53,7 @@ def quantize_run(
 ) -> Path:
     """Quantize `src` (EMA weights of a run by default) and write run folder `out`; an existing quantized
     run there is replaced only with `overwrite`."""
-    from terdit.run import CKPT_DIR, CONFIG_FILE
+    from terdit.models.runs import CKPT_DIR, CONFIG_FILE
 
     out = check_output(out, inputs=[src], own=is_quantized_run, kind="quantized run folder", overwrite=overwrite)
     clean_leftovers(out.parent, (out.name,))

@@ -20,7 +20,7 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from terdit.hub import TerDiTHubMixin
+from terdit.loading.hub import TerDiTHubMixin
 from terdit.models.configs import TerDiTConfig, TerDiTFrozenConfig, get_config
 from terdit.quant.bitnet import BitLinear
 from terdit.quant.layers import make_linear
@@ -233,7 +233,7 @@ class TerDiT(TerDiTHubMixin, ModelMixin, ConfigMixin):
     `sample_size`, `in_channels`, `out_channels` (2 * in_channels when the variance is learned), forward takes
     `(hidden_states, timestep, class_labels)` and returns `.sample`, so diffusers' DiTPipeline drives it.
     `TerDiT(TerDiTConfig)` also works; `model.config` reads like the TerDiTConfig it was built from (`head_dim`,
-    `input_size`, `to_dict()`, ...). `from_pretrained` (terdit.hub) opens every terdit layout.
+    `input_size`, `to_dict()`, ...). `from_pretrained` (terdit.loading.hub) opens every terdit layout.
     """
 
     _supports_gradient_checkpointing = True

@@ -1,5 +1,5 @@
-"""Data sub-commands: `terdit extract-latents`. Also runnable alone (``python -m terdit.data.cli``), which
-is how ``torchrun --nproc_per_node N -m terdit.data.cli extract-latents ...`` spreads the work."""
+"""Data sub-commands: `terdit extract-latents`. Also runnable alone (``python -m terdit.cli.data``), which
+is how ``torchrun --nproc_per_node N -m terdit.cli.data extract-latents ...`` spreads the work."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from terdit.cliargs import nonneg_int, positive_int
+from terdit.cli.args import nonneg_int, positive_int
 from terdit.errors import TerditError
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

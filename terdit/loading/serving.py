@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from terdit import run as runlib
 from terdit.errors import TerditError
+from terdit.models import runs as runlib
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

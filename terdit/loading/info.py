@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from terdit.cliargs import positive_int
+from terdit.cli.args import positive_int
 from terdit.errors import TerditError
 from terdit.models.configs import ALIASES, CONFIGS, TerDiTConfig, get_config
 
@@ -31,7 +31,7 @@ SAFETENSORS_DTYPES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16
 # -- what PATH is ------------------------------------------------------------------------------------------
 def resolve(path_or_name: str) -> dict[str, Any]:
     """{"kind", "config", "weights" (file or None), "deploy" (section or None), "downsample"} for PATH."""
-    from terdit.hub import PIPELINE_INDEX, path_kind
+    from terdit.loading.hub import PIPELINE_INDEX, path_kind
 
     if path_or_name in CONFIGS or path_or_name in ALIASES:
         cfg = get_config(path_or_name)
@@ -48,7 +48,7 @@ def resolve(path_or_name: str) -> dict[str, Any]:
             raise TerditError(f"{path}: no {PIPELINE_INDEX}")
         path, kind = path / "transformer", path_kind(path / "transformer")
     if kind == "run":
-        from terdit.run import latest_checkpoint, load_config, load_train_args
+        from terdit.models.runs import latest_checkpoint, load_config, load_train_args
 
         cfg = load_config(path)
         weights = latest_checkpoint(path) / "ema.safetensors"
@@ -95,7 +95,7 @@ def _pipeline_downsample(path: Path) -> int | None:
 # -- parameters and storage ------------------------------------------------------------------------------------
 def layer_shapes(cfg: TerDiTConfig) -> tuple[dict[str, int], list[tuple[int, int]]]:
     """Parameter counts and the [out, in] shapes of the ternary layers, from a meta-device model."""
-    from terdit.hub import META_INIT_THRESHOLD
+    from terdit.loading.hub import META_INIT_THRESHOLD
     from terdit.models.terdit import TerDiT
 
     # meta-device init imports torch._dynamo (seconds); small models are quicker to build for real
@@ -213,7 +213,7 @@ def estimate_memory(cfg: TerDiTConfig, counts: dict[str, int], shapes: list[tupl
         "sampling": plans,
         "training_rough": {"weights_grads_adam_ema": 20 * total, "activations_bf16": train_acts,
                            "total": 20 * total + train_acts},
-        "method": "weights at storage size + one block's peak activations; see terdit.info.estimate_memory",
+        "method": "weights at storage size + one block's peak activations; see terdit.loading.info.estimate_memory",
     }
 
 
@@ -283,7 +283,7 @@ def format_report(info: dict[str, Any]) -> str:
     lines.append(f"  training (rough)     {human_bytes(t['weights_grads_adam_ema'])} weights+grads+AdamW+EMA + "
                  f"{human_bytes(t['activations_bf16'])} bf16 activations = {human_bytes(t['total'])}")
     lines.append("  estimated, not measured: weights at storage size + one block's peak activations "
-                 "(VAE and CUDA context excluded; see terdit.info.estimate_memory)")
+                 "(VAE and CUDA context excluded; see terdit.loading.info.estimate_memory)")
     return "\n".join(lines)
 
 

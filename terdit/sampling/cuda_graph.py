@@ -1,6 +1,6 @@
 """Fast sampling on CUDA: one guided model step captured in a CUDA graph, replayed for every step.
 
-`sample_latents_fast` gives the same samples as `terdit.sample.sample_latents` for the same arguments
+`sample_latents_fast` gives the same samples as `terdit.sampling.generate.sample_latents` for the same arguments
 and seed. What makes it fast on a GPU:
 
 - the guided step (cond + uncond batched in one forward, the guidance mix and the DDPM/DDIM update) is
@@ -27,7 +27,7 @@ from torch import nn
 
 from terdit.diffusion import GaussianDiffusion, guided_model_fn
 from terdit.errors import TerditError
-from terdit.sample import check_sampling_args
+from terdit.sampling.generate import check_sampling_args
 
 MODES: tuple[str, ...] = ("auto", "graph", "eager")
 
@@ -117,7 +117,7 @@ def sample_latents_fast(
     mode: str = "auto",
     warmup: int = 1,
 ) -> torch.Tensor:
-    """`terdit.sample.sample_latents` with a CUDA-graph loop: same arguments, same samples (N, C, H, W) fp32.
+    """`terdit.sampling.generate.sample_latents` with a CUDA-graph loop: same arguments, same samples (N, C, H, W) fp32.
 
     mode: "graph" (CUDA only), "eager" (any device; the same step function without capture) or "auto"
     (graph on CUDA, eager elsewhere). `warmup` eager steps run before capture (their results are

@@ -71,7 +71,7 @@ def model_card(model: Any) -> str:
     lines += [f"- {k}: {v}" for k, v in metrics.items()] if metrics else ["- none recorded with these weights"]
     lines += ["", "## Use", "", "```python", "import torch", "from diffusers import AutoencoderKL",
               "from terdit import TerDiT",
-              "from terdit.pipeline import TerDiTPipeline", "",
+              "from terdit.sampling.pipeline import TerDiTPipeline", "",
               'transformer = TerDiT.from_pretrained("REPO_OR_FOLDER", torch_dtype=torch.float32)']
     if latent and cfg.num_classes == 1000:
         lines += ["", "# diffusers' own DiTPipeline (1000 ImageNet classes; ignores the learned variance)",

@@ -15,15 +15,15 @@ from terdit.errors import TerditError
 
 # Modules that define `register(subparsers)`; each adds one or more sub-commands.
 COMMAND_MODULES = [
-    "terdit.commands",
-    "terdit.eval.cli",
-    "terdit.data.cli",
-    "terdit.mass_sample",
-    "terdit.info",
-    "terdit.deploy.cli",
-    "terdit.analysis",
-    "terdit.reproduce",
-    "terdit.distill",
+    "terdit.cli.commands",
+    "terdit.cli.evaluate",
+    "terdit.cli.data",
+    "terdit.sampling.npz",
+    "terdit.loading.info",
+    "terdit.cli.deploy",
+    "terdit.experiments.analysis",
+    "terdit.experiments.reproduce",
+    "terdit.training.distill",
 ]
 
 

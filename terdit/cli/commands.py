@@ -6,7 +6,7 @@ import argparse
 import json
 import pathlib
 
-from terdit.cliargs import add_device_args, add_overwrite_arg, finite_float, nonneg_float, nonneg_int, positive_int
+from terdit.cli.args import add_device_args, add_overwrite_arg, finite_float, nonneg_float, nonneg_int, positive_int
 from terdit.errors import TerditError
 
 
@@ -118,7 +118,7 @@ def cmd_configs(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from terdit.models.configs import get_config
-    from terdit.train import TrainArgs, train
+    from terdit.training.trainer import TrainArgs, train
 
     get_config(args.config)  # an unknown name fails here, before anything is written
     fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__}
@@ -137,9 +137,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import torch
 
     from terdit.io import check_output
-    from terdit.memory import check_batch_fits
-    from terdit.sample import check_sampling_args, generate, save_samples
-    from terdit.serving import load_for_sampling
+    from terdit.loading.serving import load_for_sampling
+    from terdit.models.memory import check_batch_fits
+    from terdit.sampling.generate import check_sampling_args, generate, save_samples
 
     out = Path(args.out) if args.out else Path(args.run) / "sample.png"
     if out.suffix.lower() not in (".png", ".npz"):

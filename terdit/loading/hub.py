@@ -46,7 +46,7 @@ from huggingface_hub.utils import (  # huggingface_hub.utils: the errors' home i
 
 from terdit.errors import TerditError
 from terdit.io import follow_umask
-from terdit.modelcard import model_card
+from terdit.loading.modelcard import model_card
 
 CONFIG_FILE = "config.json"
 DEPLOY_WEIGHTS = "model.safetensors"  # a deploy directory's packed weights (terdit.deploy.format)
@@ -68,7 +68,7 @@ def path_kind(path: str | Path) -> str | None:
     """'run' | 'deploy' | 'release' | 'legacy' | 'pipeline' | 'pretrained' for a local directory terdit can open,
     else None."""
     from terdit.deploy.format import is_deploy_dir
-    from terdit.run import checkpoint_dirs
+    from terdit.models.runs import checkpoint_dirs
 
     p = Path(path)
     if not p.is_dir():
@@ -348,15 +348,15 @@ def _check_config_keys(cls: type, path: Path) -> None:
 def _load_terdit_layout(path: Path, kind: str, *, ema: bool, checkpoint: str | Path | None,
                         device: str | torch.device, dtype: torch.dtype | None, policy: str):
     if kind == "run":
-        from terdit.run import load_run_model, load_train_args
+        from terdit.models.runs import load_run_model, load_train_args
 
         model = load_run_model(path, ema=ema, checkpoint=checkpoint, device=str(device))
         model.training_info = load_train_args(path)
         return model.to(dtype) if dtype is not None else model
     if kind == "legacy":
         from terdit.models.configs import TerDiTConfig
+        from terdit.models.runs import load_weights_into
         from terdit.models.terdit import TerDiT
-        from terdit.run import load_weights_into
 
         model = TerDiT(TerDiTConfig.load(path / CONFIG_FILE))
         load_weights_into(model, path / DEPLOY_WEIGHTS)

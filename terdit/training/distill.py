@@ -40,17 +40,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from terdit import run as runlib
-from terdit.cliargs import nonneg_float, positive_int
+from terdit.cli.args import nonneg_float, positive_int
 from terdit.data import TrainingData
 from terdit.data.base import derived_seed
 from terdit.diffusion import GaussianDiffusion
 from terdit.diffusion.gaussian import mean_flat
 from terdit.errors import TerditError
 from terdit.io import atomic_write_text, read_json
+from terdit.models import runs as runlib
 from terdit.models.configs import TerDiTConfig
 from terdit.quant.module_swap import add_adaln_norm_, names_filter, paper_filter, ternarize_
-from terdit.train import TrainArgs, Trainer
+from terdit.training.trainer import TrainArgs, Trainer
 
 DISTILL_FILE = "distill.json"
 _POOL = 3  # key space of the pool seeds (train.py uses 1 and 2)
@@ -142,7 +142,7 @@ def _diffusers_class_name(config_file: Path | None) -> str | None:
 
 def _find_diffusers(name: str, subfolder: str | None) -> tuple[str, str | None] | None:
     """(class name, subfolder) when `name` is a diffusers transformer (local or Hub), else None."""
-    from terdit import hub
+    from terdit.loading import hub
 
     local = Path(name).expanduser()
     if local.is_dir():
@@ -229,7 +229,7 @@ class TeacherPool(Dataset):
     def draw(self, r: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Round r's pool: item k has class (k + r * size) mod K, guidance cfgs[k mod len(cfgs)]; a pure function
         of r, so a resumed run redraws the same pool."""
-        from terdit.sample import sample_latents
+        from terdit.sampling.generate import sample_latents
 
         labels = (torch.arange(self.size) + r * self.size) % self.num_classes  # every class over the rounds
         scales = torch.tensor([self.cfgs[k % len(self.cfgs)] for k in range(self.size)])
@@ -419,7 +419,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     # every other run-control flag is `terdit train`'s own (steps, batch size, EMA, checkpoints, resume, ...)
     train = sub.choices.get("train")
     if train is None:
-        raise RuntimeError("terdit.commands must register `train` before terdit.distill")
+        raise RuntimeError("terdit.cli.commands must register `train` before terdit.training.distill")
     own = {a.dest for a in p._actions}
     for action in train._actions:
         if action.dest in _SHARED_TRAIN_FLAGS and action.dest not in own:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from terdit.cliargs import add_overwrite_arg
+from terdit.cli.args import add_overwrite_arg
 from terdit.deploy.format import DTYPE_NAMES
 from terdit.deploy.packed_linear import POLICIES
 from terdit.quant.packing import FORMATS

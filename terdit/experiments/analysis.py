@@ -56,7 +56,7 @@ def adaln_scale_distribution(run: str | Path, block: int = 1, seed: int = 0, num
                              cfg_scale: float = 4.0) -> torch.Tensor:
     """scale_mlp of block `block` (0-based; the paper's "second block" is 1) at the first sampling step."""
     from terdit.diffusion import GaussianDiffusion
-    from terdit.run import load_run_model
+    from terdit.models.runs import load_run_model
 
     model = load_run_model(run)
     cfg = model.config

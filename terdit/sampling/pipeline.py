@@ -367,7 +367,7 @@ class TerDiTPipeline(DiffusionPipeline):
             return unit.cpu()
         if output_type == "np":
             return unit.permute(0, 2, 3, 1).cpu().numpy()
-        from terdit.sample import to_uint8
+        from terdit.sampling.generate import to_uint8
 
         arr = to_uint8(images)
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
@@ -399,7 +399,7 @@ class TerDiTPipeline(DiffusionPipeline):
         with all its keywords: torch_dtype, variant, ...), or any model TerDiT.from_pretrained opens (a run
         folder brings the VAE it was trained with). Components passed here replace the stored ones; `vae` and
         `scheduler` may also be names ("stabilityai/sd-vae-ft-ema"; "ddpm" / "ddim" / a diffusers class name)."""
-        from terdit.hub import _dtype, _looks_local, hub_snapshot, path_kind
+        from terdit.loading.hub import _dtype, _looks_local, hub_snapshot, path_kind
 
         dtype = _dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None))  # also "bf16"
         if dtype is not None:  # diffusers >= 0.36 names it dtype (torch_dtype is deprecated), older ones torch_dtype
@@ -465,7 +465,7 @@ def _or_fresh(generator: torch.Generator | list[torch.Generator] | None) -> torc
 def _stored_vae(local: Path, kind: str | None, device: str | torch.device):
     """The VAE a training run was trained with; None for pixel models and bare model folders."""
     if kind == "run":
-        from terdit.run import load_train_args
+        from terdit.models.runs import load_train_args
 
         spec = load_train_args(local).get("vae")
         if spec:

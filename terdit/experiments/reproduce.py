@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from terdit import run as runlib
-from terdit.cliargs import positive_int
+from terdit.cli.args import positive_int
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, atomic_write, atomic_write_text
+from terdit.models import runs as runlib
 
 SMOOTHING = 0.995  # the paper's loss-curve smoothing factor (Sec. IV-D, footnote 6)
 FINAL_FRACTION = 0.1  # "final loss" = mean raw training loss over the last 10% of the steps
@@ -229,7 +229,7 @@ _SIGNATURE = ("config", "linear", "adaln_norm", "data", "steps", "batch_size", "
 
 def train_args_for(variant: Variant, s: Settings):
     """The variant's TrainArgs: shared settings plus its switches, nothing tuned per variant."""
-    from terdit.train import TrainArgs
+    from terdit.training.trainer import TrainArgs
 
     sw = dict(variant.train)
     drop = sw.pop("lr_drop", False)
@@ -248,7 +248,7 @@ def ensure_trained(variant: Variant, s: Settings, stop_at: int | None = None) ->
     """Train the variant, resume it, or reuse it when its run already finished: (run folder, what happened).
 
     `stop_at` makes a fresh run stop there first (leaving a checkpoint) and then continue to the end."""
-    from terdit.train import Trainer
+    from terdit.training.trainer import Trainer
 
     args = train_args_for(variant, s)
     run = Path(args.out)
@@ -399,7 +399,7 @@ class Evaluator:
     @torch.no_grad()
     def sample(self, model: nn.Module, cfg: float) -> torch.Tensor:
         """K samples, classes uniform; the same noise for every variant (paired comparison)."""
-        from terdit.sample import sample_latents
+        from terdit.sampling.generate import sample_latents
 
         labels = self.labels()
         parts = []
@@ -423,7 +423,7 @@ class Evaluator:
     def digits_metrics(self, images: torch.Tensor) -> dict[str, Any]:
         from terdit.data.digits import class_accuracy
         from terdit.eval.metrics import inception_score, precision_recall
-        from terdit.sample import to_uint8
+        from terdit.sampling.generate import to_uint8
 
         feats = self.extractor(to_uint8(images))
         fid, notes = self.fid(feats["pool"])
@@ -469,7 +469,7 @@ class Evaluator:
 
     def save_grid(self, images: torch.Tensor, path: Path) -> None:
         """Up to 8 samples of each of up to 10 classes, one class per row."""
-        from terdit.sample import save_grid
+        from terdit.sampling.generate import save_grid
 
         labels = np.asarray(self.labels())
         classes = range(min(self.num_classes, 10))
@@ -694,7 +694,7 @@ def reproduce(s: Settings) -> dict[str, Any]:
 
 def adaln_scales(runs: dict[str, Path]) -> dict[str, Any]:
     """Fig. 9 analogue: scale_mlp of the second block (first if only one) at the first sampling step."""
-    from terdit.analysis import adaln_scale_distribution
+    from terdit.experiments.analysis import adaln_scale_distribution
 
     out: dict[str, Any] = {}
     for n in ("terdit", "terdit-no-norm", FP):

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from terdit.cliargs import add_device_args, add_overwrite_arg, nonneg_float, positive_int
+from terdit.cli.args import add_device_args, add_overwrite_arg, nonneg_float, positive_int
 from terdit.data.base import derived_seed
 from terdit.errors import TerditError
 from terdit.io import atomic_write, atomic_write_text, check_output, clean_leftovers, fault_point, locked
-from terdit.memory import check_batch_fits
+from terdit.models.memory import check_batch_fits
 
 SETTINGS_FILE = "settings.json"
 PART_GLOB = "batch-*.npz"
@@ -103,7 +103,7 @@ def _model_identity(run: str | Path, ema: bool) -> str:
     """A hash of the weights (and config) sampled from, so parts drawn from other weights, even at the same
     path (a run trained again, a checkpoint replaced), are never mixed with new ones. A hub id is its name.
     Reading the weights once per start costs seconds (~1 GB/s), small beside sampling 50,000 images."""
-    from terdit import run as runlib
+    from terdit.models import runs as runlib
 
     root = Path(run)
     if not root.is_dir():
@@ -239,8 +239,8 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
     from tqdm import tqdm
 
     from terdit.distributed import barrier, broadcast_object, init_distributed, shutdown
-    from terdit.sample import check_sampling_args, generate, to_uint8
-    from terdit.serving import load_for_sampling, resolve_device
+    from terdit.loading.serving import load_for_sampling, resolve_device
+    from terdit.sampling.generate import check_sampling_args, generate, to_uint8
 
     _check_args(args)
     dev = resolve_device(args.device)

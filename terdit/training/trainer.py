@@ -36,7 +36,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from terdit import run as runlib
 from terdit.data import TrainingData, open_training_data
 from terdit.data.base import derived_seed
 from terdit.diffusion import GaussianDiffusion
@@ -53,11 +52,12 @@ from terdit.io import (
     remove_tree,
     save_tensors,
 )
-from terdit.memory import check_batch_fits
+from terdit.models import runs as runlib
 from terdit.models.configs import TerDiTConfig, get_config
+from terdit.models.memory import check_batch_fits
 from terdit.models.terdit import TerDiT
 from terdit.quant.ternary import set_act_bits
-from terdit.sample import make_grid, sample_latents, save_grid, to_uint8
+from terdit.sampling.generate import make_grid, sample_latents, save_grid, to_uint8
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""The paper's comparisons at small scale and the activation analyses."""

@@ -1,0 +1,1 @@
+"""Training: the QAT trainer (one process or torchrun) and data-free distillation."""
