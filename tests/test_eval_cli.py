@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
-from terdit.errors import TerditError
 from terdit.cli import evaluate as cli
+from terdit.errors import TerditError
 from terdit.eval.digits import digits_split, digits_uint8_from
 from terdit.eval.evaluate import evaluate
 from terdit.eval.metrics import Statistics, compute_statistics, frechet_distance

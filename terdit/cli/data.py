@@ -7,14 +7,9 @@ import argparse
 import os
 import sys
 
-import torch
-
 from terdit.cli.args import nonneg_int, positive_int
+from terdit.defaults import DTYPES
 from terdit.errors import TerditError
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 
 
 def _extract(args: argparse.Namespace) -> int:
@@ -24,7 +19,7 @@ def _extract(args: argparse.Namespace) -> int:
         args.data, args.out, vae=args.vae, resolution=args.resolution, flip=args.flip, vae_mode=args.vae_mode,
         seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
         strict=args.strict, class_map=args.class_map, store_dtype=args.store_dtype, device=args.device,
-        dtype=_DTYPES[args.dtype], max_shards=args.max_shards, progress=not args.no_progress,
+        dtype=DTYPES[args.dtype], max_shards=args.max_shards, progress=not args.no_progress,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         if manifest is None:
@@ -62,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--class-map", help="JSON {folder_name: class_index} instead of sorted folder order")
     p.add_argument("--store-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of stored latents")
     p.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK if present, else cpu)")
-    p.add_argument("--dtype", choices=list(_DTYPES), default="fp32", help="VAE compute dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="VAE compute dtype")
     p.add_argument("--max-shards", type=positive_int, help="stop after this many new shards per process")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_extract)

@@ -7,7 +7,7 @@ import json
 import sys
 
 from terdit.cli.args import add_overwrite_arg
-from terdit.deploy.format import DTYPE_NAMES
+from terdit.defaults import DTYPES, default_device
 from terdit.deploy.packed_linear import POLICIES
 from terdit.quant.packing import FORMATS
 from terdit.quant.ptq import GRANULARITIES, METHODS
@@ -61,19 +61,13 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("export", help="pack a ternary run into a deploy directory")
     p.add_argument("run", help="training run folder")
     p.add_argument("--format", choices=FORMATS, default="2bit")
     p.add_argument("--out", required=True, help="deploy directory to write")
     p.add_argument(
-        "--dtype", choices=list(DTYPE_NAMES), default="fp32", help="storage dtype of the float tensors"
+        "--dtype", choices=list(DTYPES), default="fp32", help="storage dtype of the float tensors"
     )
     p.add_argument("--no-ema", action="store_true", help="pack the raw weights instead of the EMA")
     add_overwrite_arg(p, "deploy directory")
@@ -94,7 +88,7 @@ def register(subparsers) -> None:
         default=None,
         help="default: 2bit for TerDiT (bytes kept as released), fp for Large-DiT",
     )
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="default: the release's own")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the release's own")
     add_overwrite_arg(p, "deploy directory")
     p.set_defaults(func=_convert)
 
@@ -112,7 +106,7 @@ def register(subparsers) -> None:
     p.add_argument("--format", nargs="+", choices=FORMATS, default=["2bit"])
     p.add_argument("--policy", nargs="+", choices=POLICIES, default=["memory", "speed"])
     p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="compute dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype")
     p.add_argument("--batch-size", type=int, default=2, help="images per step; CFG doubles the forward rows")
     p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (median reported)")
     p.add_argument("--skip-fp", action="store_true", help="do not build/measure the full-precision model")
@@ -124,5 +118,5 @@ def register(subparsers) -> None:
 
 def _with_device(args: argparse.Namespace) -> argparse.Namespace:
     if args.device is None:
-        args.device = _default_device()
+        args.device = default_device()
     return args

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from terdit.defaults import default_device
 from terdit.errors import TerditError
 from terdit.eval.inception import WEIGHTS_ENV, WEIGHTS_HELP
 from terdit.eval.reference import (
@@ -22,16 +23,10 @@ from terdit.eval.reference import (
 FEATURES = ("inception", "digits")
 
 
-def _default_device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _make_extractor(args: argparse.Namespace):
     import torch
 
-    device = args.device or _default_device()
+    device = args.device or default_device()
     if device == "cuda" and not torch.cuda.is_available():
         raise TerditError("--device cuda: no CUDA device is available")
     if args.features == "digits":

@@ -73,7 +73,7 @@ def _timed(step, dev: torch.device) -> float:
 
 def measure_memory(directory: str, policy: str, device: str, dtype: str, batch: int, cfg: float, seed: int) -> dict:
     """Peak memory of sampling steps (a warm-up and one more) in this fresh process, after loading."""
-    from terdit.deploy.format import parse_dtype
+    from terdit.defaults import parse_dtype
 
     dev = torch.device(device)
     _, step, load_s = _setup(directory, policy, dev, parse_dtype(dtype), batch, cfg, seed)
@@ -115,7 +115,7 @@ def measure_times(
     after the same neighbour. Round 0 is a warm-up. Ratios are medians of per-round ratios to variant 0.
     `dtype`: one for all variants or one per variant (e.g. full precision in fp32 and in bf16 side by side).
     """
-    from terdit.deploy.format import parse_dtype
+    from terdit.defaults import parse_dtype
 
     dev = torch.device(device)
     dtypes = [dtype] * len(specs) if isinstance(dtype, str) else dtype

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, dtype_name, parse_dtype, write_config
+from terdit.defaults import dtype_name, parse_dtype
+from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, write_config
 from terdit.deploy.packed_linear import PackedLinear
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, check_output, clean_leftovers, save_tensors

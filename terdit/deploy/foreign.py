@@ -19,8 +19,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from terdit.defaults import dtype_name, parse_dtype
 from terdit.deploy.export import deploy_tensors
-from terdit.deploy.format import WEIGHTS_FILE, dtype_name, parse_dtype
+from terdit.deploy.format import WEIGHTS_FILE
 from terdit.deploy.packed_linear import PackedLinear, Scratch
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, atomic_write_text, load_tensors, read_json, save_tensors

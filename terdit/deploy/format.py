@@ -18,8 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from terdit.defaults import parse_dtype
 from terdit.errors import TerditError
 from terdit.io import read_json
 from terdit.models.configs import TerDiTConfig
@@ -30,24 +29,6 @@ WEIGHTS_FILE = "model.safetensors"
 VERSION = 1
 DEPLOY_FORMATS: tuple[str, ...] = (*FORMATS, "fp")
 LABEL_PERMUTATIONS: tuple[str, ...] = ("lexicographic",)
-
-DTYPE_NAMES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def parse_dtype(name: str | torch.dtype) -> torch.dtype:
-    """'fp32' | 'bf16' | 'fp16' (or a torch dtype) -> torch dtype."""
-    if isinstance(name, torch.dtype):
-        if name not in DTYPE_NAMES.values():
-            raise TerditError(f"unsupported dtype {name}; choose from {', '.join(DTYPE_NAMES)}")
-        return name
-    if name not in DTYPE_NAMES:
-        raise TerditError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)}")
-    return DTYPE_NAMES[name]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPE_NAMES.items()}[parse_dtype(dtype)]
-
 
 @dataclass
 class DeployInfo:

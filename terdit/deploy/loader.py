@@ -18,7 +18,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, is_deploy_dir, parse_dtype, read_config
+from terdit.defaults import parse_dtype
+from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, is_deploy_dir, read_config
 from terdit.deploy.packed_linear import (
     POLICIES,
     PackedAttention,

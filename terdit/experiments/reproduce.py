@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from terdit.cli.args import positive_int
+from terdit.defaults import default_device
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, atomic_write, atomic_write_text
 from terdit.models import runs as runlib
@@ -656,7 +657,7 @@ def reproduce(s: Settings) -> dict[str, Any]:
         # terdit also leaves a checkpoint where terdit-lr-drop drops its LR, for that run to continue from
         stop = s.lr_drop_step if n == "terdit" and "terdit-lr-drop" in train_names else None
         runs[n], status[n] = ensure_trained(VARIANTS[n], s, stop_at=stop)
-    device = torch.device(s.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(s.device or default_device())
     ev = Evaluator(s, device)
     results: dict[str, Any] = {
         "command": s.command_line(), "sys_argv": list(sys.argv), "machine": machine_info(),

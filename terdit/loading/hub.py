@@ -369,8 +369,9 @@ def _load_terdit_layout(path: Path, kind: str, *, ema: bool, checkpoint: str | P
 
 def _save_deploy(model: Any, directory: Path) -> None:
     """config.json with its "deploy" section + model.safetensors with the packed layers."""
+    from terdit.defaults import parse_dtype
     from terdit.deploy.export import deploy_tensors
-    from terdit.deploy.format import DeployInfo, parse_dtype
+    from terdit.deploy.format import DeployInfo
     from terdit.io import atomic_write_text, save_tensors
 
     deploy = DeployInfo(**model.deploy_info)
@@ -386,7 +387,7 @@ def _save_deploy(model: Any, directory: Path) -> None:
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    from terdit.deploy.format import parse_dtype
+    from terdit.defaults import parse_dtype
 
     return parse_dtype(dtype)
 

@@ -8,29 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from terdit.defaults import resolve_device, resolve_dtype
 from terdit.errors import TerditError
 from terdit.models import runs as runlib
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise TerditError(f"--device {device}: CUDA is not available")
-    try:
-        return torch.device(device)
-    except RuntimeError as e:
-        raise TerditError(f"--device {device}: {e}") from e
-
-
-def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise TerditError(f"--dtype {dtype}: choose from {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def run_decoder(run: str | Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from terdit.data import TrainingData, open_training_data
 from terdit.data.base import derived_seed
+from terdit.defaults import default_device
 from terdit.diffusion import GaussianDiffusion
 from terdit.distributed import DistInfo, barrier, init_distributed, mean_across, shutdown
 from terdit.errors import Interrupted, TerditError
@@ -226,7 +227,7 @@ class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         args.validate()
         self.args = args
-        device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device_type = args.device or default_device()
         if device_type.startswith("cuda") and not torch.cuda.is_available():
             raise TerditError("--device cuda requested but CUDA is not available")
         self.dist: DistInfo = init_distributed("cuda" if device_type.startswith("cuda") else "cpu")
