@@ -17,6 +17,7 @@ import terdit.loading.hub as hub
 from terdit.deploy import PackedLinear, export_model, load_deployed
 from terdit.errors import TerditError
 from terdit.io import load_tensors
+from terdit.loading.kinds import kind_of
 from terdit.models import TerDiT
 from terdit.models.runs import load_run_model
 from terdit.training.trainer import TrainArgs, Trainer
@@ -72,7 +73,7 @@ def test_folder_saved_by_terdit_0_1_still_opens(tmp_path):
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old" / "model.safetensors"),
               metadata={"format": "pt"})
-    assert hub.path_kind(tmp_path / "old") == "legacy"
+    assert kind_of(tmp_path / "old") == "legacy"
     loaded = TerDiT.from_pretrained(tmp_path / "old")
     assert loaded.config == model.config and torch.equal(forward(loaded), forward(model))
     assert TerDiT.from_pretrained(tmp_path / "old", torch_dtype=torch.bfloat16).dtype == torch.bfloat16
