@@ -251,3 +251,19 @@ def test_model_card_carries_the_models_facts(run_dir, tmp_path):
     assert f"{counts['total']:,} total: {counts['ternary']:,} ternary" in card
     assert "- steps: 3" in card and "DDIMScheduler, DiTPipeline" not in card  # a 10-class model: terdit's pipeline only
     assert "TerDiTPipeline" in card and "1.58 of information" in card
+
+
+def test_open_model_is_from_pretrained_and_without_hooks_terdit_is_a_plain_diffusers_model(tmp_path, monkeypatch):
+    """terdit.open_model is the one opener (TerDiT.from_pretrained calls it through terdit.loading's hook); with
+    the hooks removed, the model layer alone behaves as diffusers' ModelMixin (no model card, no terdit layouts)."""
+    import terdit
+    import terdit.models.terdit as model_module
+
+    model = random_model(seed=5)
+    model.save_pretrained(tmp_path / "m")
+    opened = terdit.open_model(tmp_path / "m")
+    assert isinstance(opened, TerDiT) and torch.equal(forward(opened), forward(model))
+    monkeypatch.setattr(model_module, "_HOOKS", {})
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "README.md").exists()
+    assert torch.equal(forward(TerDiT.from_pretrained(tmp_path / "plain")), forward(model))
