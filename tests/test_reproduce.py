@@ -17,14 +17,10 @@ from sklearn.linear_model import LogisticRegression
 from terdit import cli
 from terdit.errors import TerditError
 from terdit.eval import DigitsExtractor, digits_uint8
-from terdit.experiments.reproduce import (
-    VARIANTS,
-    Settings,
-    final_loss,
-    ptq_model,
-    smooth,
-    train_args_for,
-)
+from terdit.experiments.evaluation import ptq_model
+from terdit.experiments.losses import final_loss, smooth
+from terdit.experiments.reproduce import reproduce
+from terdit.experiments.variants import VARIANTS, Settings, train_args_for
 from terdit.models.runs import load_run_model
 from terdit.quant.ptq import BLOCK_LINEARS
 from terdit.sampling.generate import sample_latents, to_uint8
@@ -220,8 +216,6 @@ def test_impossible_metric_is_a_clear_error(tmp_path, capsys):
     assert "--metrics digits needs the embedded 8x8 digits" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
     with pytest.raises(TerditError, match="num-samples"):
-        from terdit.experiments.reproduce import reproduce
-
         reproduce(Settings(out=str(tmp_path / "r"), num_samples=5))
 
 
