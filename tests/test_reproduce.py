@@ -19,6 +19,7 @@ from terdit.errors import TerditError
 from terdit.eval import DigitsExtractor, digits_uint8
 from terdit.experiments.evaluation import ptq_model
 from terdit.experiments.losses import final_loss, smooth
+from terdit.experiments.report import render_report
 from terdit.experiments.reproduce import reproduce
 from terdit.experiments.variants import VARIANTS, Settings, train_args_for
 from terdit.models.runs import load_run_model
@@ -254,3 +255,11 @@ def test_latent_data_is_measured_by_eval_loss_and_decoded_grids(tmp_path, monkey
     assert claims["b"]["held"] is None and claims["a"]["held"] is not None
     assert "eval loss" in claims["a"]["criterion"]
     assert "not tested" in (out / "report.md").read_text()
+
+
+def test_report_template_gives_back_the_committed_report():
+    """report.md.tmpl renders the committed docs/reproduce/results.json as the committed report.md (all but the
+    note appended to it by hand)."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "reproduce"
+    text = render_report(json.loads((docs / "results.json").read_text()))
+    assert text.startswith("# TerDiT at small scale") and (docs / "report.md").read_text().startswith(text)
