@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from terdit.experiments.reproduce import Evaluator, Settings, ptq_model
+from terdit.experiments.evaluation import Evaluator, ptq_model
+from terdit.experiments.variants import Settings
 from terdit.models import runs as runlib
 from terdit.training.distill import DistillArgs, Distiller
 from terdit.training.trainer import TrainArgs, Trainer

@@ -6,7 +6,26 @@ kernel tests need triton in interpreter mode on machines without CUDA, so the sw
 
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """TERDIT_CACHE in this test's own folder: nothing cached by another test (or in ~/.cache) is seen."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("TERDIT_CACHE", str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared_cache(tmp_path_factory):
+    """One TERDIT_CACHE for the whole session (the digits classifier is fitted once), never ~/.cache; set
+    while the module that asks for it runs."""
+    path = tmp_path_factory.getbasetemp() / "terdit-cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TERDIT_CACHE", str(path))
+        yield path

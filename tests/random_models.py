@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from terdit.models import TerDiT, get_config
 
@@ -16,6 +16,19 @@ def random_micro(seed: int = 0, std: float = 0.05, **overrides) -> TerDiT:
         for name, p in model.named_parameters():
             p.normal_(0, 0.3 if name.endswith("alphas") else std)
     return model
+
+
+def tiny_dit(seed: int = 0, classes: int = 10) -> DiTTransformer2DModel:
+    """A random two-layer diffusers DiT on 4x8x8 latents, every tensor random (no zero-initialised path:
+    adaLN-Zero, output layer)."""
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
+                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=classes,
+                                  norm_num_groups=1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model.eval()
 
 
 def tiny_vae() -> AutoencoderKL:

@@ -3,11 +3,11 @@
 import json
 
 import torch
+from random_models import train_micro_run
 
 from terdit.cli import main
 from terdit.experiments.analysis import adaln_scale_distribution, fig4_activations
 from terdit.quant import ternarize
-from terdit.training.trainer import TrainArgs, Trainer
 
 
 def test_fig4_ternary_without_norm_is_large_and_rmsnorm_restores_the_range():
@@ -26,9 +26,7 @@ def test_fig4_ternary_without_norm_is_large_and_rmsnorm_restores_the_range():
 def test_analyze_cli_writes_json_and_plots(tmp_path):
     runs = {}
     for name, norm in (("with", True), ("without", False)):
-        runs[name] = tmp_path / name
-        Trainer(TrainArgs(out=str(runs[name]), config="TerDiT-Micro", adaln_norm=norm, steps=2, batch_size=8,
-                          sample_steps=2, tensorboard=False, progress=False)).run()
+        runs[name] = train_micro_run(tmp_path / name, adaln_norm=norm)
     out = tmp_path / "analysis"
     assert main(["analyze", "--out", str(out), "--runs", f"with-norm={runs['with']}",
                  f"without-norm={runs['without']}"]) == 0

@@ -6,17 +6,14 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from random_models import train_micro_run
 
 from terdit.cli import main
-from terdit.training.trainer import TrainArgs, Trainer
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    Trainer(TrainArgs(out=str(out), config="TerDiT-Micro", steps=2, batch_size=8, sample_steps=2,
-                      tensorboard=False, progress=False)).run()
-    return out
+    return train_micro_run(tmp_path_factory.mktemp("cli") / "run")
 
 
 def test_sample_png_and_npz(run_dir, tmp_path):

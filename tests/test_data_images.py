@@ -23,10 +23,7 @@ from terdit.data.images import (
 from terdit.data.synthetic import smooth_image
 from terdit.errors import TerditError
 
-
-@pytest.fixture(autouse=True)
-def _private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TERDIT_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")
 
 
 def _reference_crop(img: Image.Image, n: int) -> np.ndarray:

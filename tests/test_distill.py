@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from random_models import random_micro
-from test_ternarize import tiny_dit
+from random_models import random_micro, tiny_dit
 
 from terdit.cli import main
 from terdit.deploy.foreign import export_foreign, load_foreign

@@ -15,9 +15,8 @@ from terdit.eval.reference import load_batch, write_batch
 
 
 @pytest.fixture(autouse=True, scope="module")
-def cache(tmp_path_factory):
+def cache(shared_cache):
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TERDIT_CACHE", str(tmp_path_factory.getbasetemp() / "terdit-cache"))
         mp.delenv("TERDIT_INCEPTION_WEIGHTS", raising=False)
         yield
 

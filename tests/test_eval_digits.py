@@ -18,16 +18,7 @@ from terdit.eval.metrics import fid_from_features, inception_score, precision_re
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One classifier cache for the whole test session (shared with the CLI tests), never ~/.cache."""
-    path = tmp_path_factory.getbasetemp() / "terdit-cache"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TERDIT_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
-def extractor(cache):
+def extractor(shared_cache):
     return DigitsExtractor()
 
 
@@ -39,9 +30,9 @@ def test_classifier_accuracy_on_held_out_digits(extractor):
     assert digits_test_accuracy(extractor.net) >= 0.95
 
 
-def test_classifier_is_cached_by_hyperparameter_hash(cache, extractor, monkeypatch):
+def test_classifier_is_cached_by_hyperparameter_hash(shared_cache, extractor, monkeypatch):
     cfg = DigitsClassifierConfig()
-    assert (cache / f"digits-classifier-{cfg.key()}.safetensors").is_file()
+    assert (shared_cache / f"digits-classifier-{cfg.key()}.safetensors").is_file()
 
     def no_training(*a, **k):
         raise AssertionError("should have loaded the cached classifier")
@@ -53,9 +44,9 @@ def test_classifier_is_cached_by_hyperparameter_hash(cache, extractor, monkeypat
     assert DigitsClassifierConfig(steps=301).key() != cfg.key()
 
 
-def test_damaged_cache_file_is_retrained(cache):
+def test_damaged_cache_file_is_retrained(shared_cache):
     cfg = DigitsClassifierConfig(steps=3)
-    path = cache / f"digits-classifier-{cfg.key()}.safetensors"
+    path = shared_cache / f"digits-classifier-{cfg.key()}.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"garbage")
     load_digits_classifier(cfg)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from random_models import random_micro as random_model
+from random_models import train_micro_run
 
 import terdit.loading.hub as hub
 from terdit.deploy import PackedLinear, export_model, load_deployed
@@ -20,7 +21,6 @@ from terdit.io import load_tensors
 from terdit.loading.kinds import kind_of
 from terdit.models import TerDiT
 from terdit.models.runs import load_run_model
-from terdit.training.trainer import TrainArgs, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +36,7 @@ def forward(model: torch.nn.Module) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("hub") / "run"
-    Trainer(TrainArgs(out=str(out), config="TerDiT-Micro", steps=3, batch_size=8, sample_steps=2, progress=False,
-                      tensorboard=False, ema_decay=0.5)).run()
-    return out
+    return train_micro_run(tmp_path_factory.mktemp("hub") / "run", steps=3, ema_decay=0.5)
 
 
 def _public(config) -> dict:

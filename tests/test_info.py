@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from random_models import train_micro_run
 
 from terdit.deploy import export_model
 from terdit.errors import TerditError
 from terdit.loading import info
 from terdit.models import TerDiT, get_config
-from terdit.training.trainer import TrainArgs, Trainer
 
 
 def run_info(capsys, *argv: str) -> str:
@@ -78,10 +78,7 @@ def test_memory_estimate_matches_the_documented_formula():
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("info") / "run"
-    Trainer(TrainArgs(out=str(out), config="TerDiT-Micro", steps=1, batch_size=8, sample_steps=2, progress=False,
-                      tensorboard=False)).run()
-    return out
+    return train_micro_run(tmp_path_factory.mktemp("info") / "run", steps=1)
 
 
 def test_run_folder(run_dir, capsys):

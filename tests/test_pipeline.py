@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from random_models import random_micro, tiny_vae
+from random_models import random_micro, tiny_vae, train_micro_run
 
 from terdit.diffusion import GaussianDiffusion, guided_model_fn, linear_betas, spaced_timesteps
 from terdit.errors import TerditError
@@ -20,7 +20,6 @@ from terdit.sampling.pipeline import (
     diffusers_scheduler,
     imagenet_classes,
 )
-from terdit.training.trainer import TrainArgs, Trainer
 
 SCHEDULERS = ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"]
 
@@ -207,8 +206,7 @@ def test_pipeline_save_and_load_gives_identical_outputs(tmp_path, scheduler):
 
 def test_pixel_space_run_folder_opens_as_a_pipeline(tmp_path):
     run = tmp_path / "digits"
-    Trainer(TrainArgs(out=str(run), config="TerDiT-Micro", steps=2, batch_size=8, sample_steps=2, progress=False,
-                      tensorboard=False)).run()
+    train_micro_run(run)
     pipe = TerDiTPipeline.from_pretrained(run)
     assert pipe.vae is None and pipe.transformer.config.in_channels == 1
     images = pipe([0, 9], num_inference_steps=3, generator=gen()).images

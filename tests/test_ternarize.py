@@ -4,26 +4,13 @@ import math
 
 import pytest
 import torch
-from random_models import random_micro
+from random_models import random_micro, tiny_dit
 from torch import nn
 
 from terdit.errors import TerditError
 from terdit.quant.module_swap import names_filter, paper_filter, ternarize_
 from terdit.quant.ptq import quantize_model
 from terdit.quant.ternary import TernaryLinear
-
-
-def tiny_dit(seed: int = 0, classes: int = 10):
-    from diffusers import DiTTransformer2DModel
-
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                  num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=classes,
-                                  norm_num_groups=1)
-    with torch.no_grad():  # no zero-initialised path (adaLN-Zero, output layer)
-        for p in model.parameters():
-            p.normal_(0, 0.1)
-    return model.eval()
 
 
 def test_dit_swaps_the_block_linears_and_still_runs():

@@ -223,25 +223,13 @@ def scan_image_folder(
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise TerditError(f"{root}: no class folders (expected {root}/<class>/<image files>)")
-    if class_map is None:
-        mapping = {name: k for k, name in enumerate(folders)}
-    else:
-        mapping = dict(class_map) if isinstance(class_map, dict) else read_class_map(class_map)
-        unmapped = [f for f in folders if f not in mapping]
-        if unmapped:
-            raise TerditError(
-                f"{root}: {len(unmapped)} class folder(s) are not in the class map, "
-                f"e.g. {unmapped[:SHOW_SKIPPED]}"
-            )
+    mapping = _class_mapping(root, folders, class_map)
     class_names = [""] * (max(mapping.values()) + 1)
     for name, k in mapping.items():
         class_names[k] = name
 
-    skipped: list[tuple[str, str]] = []
-    for p in sorted(root.iterdir()):
-        if p.is_file() and not p.name.startswith("."):
-            skipped.append((p.name, "not inside a class folder"))
-
+    skipped = [(p.name, "not inside a class folder") for p in sorted(root.iterdir())
+               if p.is_file() and not p.name.startswith(".")]
     cache_path = _cache_file(root)
     old_cache = _read_cache(cache_path, root) if cache else {}
     new_cache: dict[str, Any] = {}
@@ -249,56 +237,81 @@ def scan_image_folder(
     labels: list[int] = []
     empty: list[str] = []
     for name in folders:
-        files = _walk_files(root / name)
-        candidates: list[Path] = []
-        for f in files:
-            if f.suffix.lower() in IMAGE_EXTENSIONS:
-                candidates.append(f)
-            else:
-                why = f"not an image file ({f.suffix or 'no extension'})"
-                skipped.append((f.relative_to(root).as_posix(), why))
-        rel = [f.relative_to(root).as_posix() for f in candidates]
-        stats = [(r, *_stat(f)) for r, f in zip(rel, candidates)]
-        fp = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:20]
-        entry = old_cache.get(name)
-        if entry and entry.get("fp") == fp:
-            bad = dict(entry["bad"])
-        else:
-            bad = {r: why for r, why in zip(rel, _check_many(candidates, num_workers)) if why is not None}
-        new_cache[name] = {"fp": fp, "bad": bad}
-        n_before = len(paths)
-        for r in rel:
-            if r in bad:
-                skipped.append((r, bad[r]))
-            else:
-                paths.append(r)
-                labels.append(mapping[name])
-        if len(paths) == n_before:
+        good, new_cache[name] = _scan_class_folder(root, name, old_cache.get(name), num_workers, skipped)
+        paths += good
+        labels += [mapping[name]] * len(good)
+        if not good:
             empty.append(name)
-
     if cache and new_cache != old_cache:
-        try:
-            clean_leftovers(cache_path.parent, (cache_path.name,), log=None)  # a killed scan's temporary
-            atomic_write_text(cache_path, json.dumps({"version": _CACHE_VERSION, "root": str(root),
-                                                      "folders": new_cache}))
-        except OSError:
-            pass  # a read-only home only costs a re-check next time
-
+        _write_cache(cache_path, root, new_cache)
     index = ImageIndex(root, class_names, paths, labels, skipped, empty)
+    _report_problems(index, strict)
+    return index
+
+
+def _class_mapping(root: Path, folders: list[str], class_map: str | Path | dict[str, int] | None) -> dict[str, int]:
+    """Class folder name -> label: sorted order, or the class map (which must name every folder)."""
+    if class_map is None:
+        return {name: k for k, name in enumerate(folders)}
+    mapping = dict(class_map) if isinstance(class_map, dict) else read_class_map(class_map)
+    unmapped = [f for f in folders if f not in mapping]
+    if unmapped:
+        raise TerditError(
+            f"{root}: {len(unmapped)} class folder(s) are not in the class map, "
+            f"e.g. {unmapped[:SHOW_SKIPPED]}"
+        )
+    return mapping
+
+
+def _scan_class_folder(root: Path, name: str, cached: dict[str, Any] | None, num_workers: int,
+                       skipped: list[tuple[str, str]]) -> tuple[list[str], dict[str, Any]]:
+    """One class folder: (its usable images, relative to root; its cache entry). Appends what it skips.
+
+    The folder's files are checked again only when their names, sizes or modification times changed since the
+    cached scan (the fingerprint)."""
+    candidates: list[Path] = []
+    for f in _walk_files(root / name):
+        if f.suffix.lower() in IMAGE_EXTENSIONS:
+            candidates.append(f)
+        else:
+            why = f"not an image file ({f.suffix or 'no extension'})"
+            skipped.append((f.relative_to(root).as_posix(), why))
+    rel = [f.relative_to(root).as_posix() for f in candidates]
+    stats = [(r, *_stat(f)) for r, f in zip(rel, candidates)]
+    fp = hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:20]
+    if cached and cached.get("fp") == fp:
+        bad = dict(cached["bad"])
+    else:
+        bad = {r: why for r, why in zip(rel, _check_many(candidates, num_workers)) if why is not None}
+    skipped += [(r, bad[r]) for r in rel if r in bad]
+    return [r for r in rel if r not in bad], {"fp": fp, "bad": bad}
+
+
+def _write_cache(cache_path: Path, root: Path, folders: dict[str, Any]) -> None:
+    try:
+        clean_leftovers(cache_path.parent, (cache_path.name,), log=None)  # a killed scan's temporary
+        atomic_write_text(cache_path, json.dumps({"version": _CACHE_VERSION, "root": str(root),
+                                                  "folders": folders}))
+    except OSError:
+        pass  # a read-only home only costs a re-check next time
+
+
+def _report_problems(index: ImageIndex, strict: bool) -> None:
+    """Skipped files and empty class folders: an error with `strict` (or when nothing is usable), else warnings."""
+    skipped, empty = index.skipped, index.empty_classes
     if strict and (skipped or empty):
         problems = [index.skipped_summary()] if skipped else []
         if empty:
             problems.append(f"class folder(s) without usable images: {empty[:SHOW_SKIPPED]}")
         raise TerditError(f"--strict: {'; '.join(problems)}")
-    if not paths:
-        raise TerditError(f"{root}: no readable images with extensions {', '.join(IMAGE_EXTENSIONS)}"
+    if not index.paths:
+        raise TerditError(f"{index.root}: no readable images with extensions {', '.join(IMAGE_EXTENSIONS)}"
                           + (f" ({index.skipped_summary()})" if skipped else ""))
     if skipped:
         _warn(index.skipped_summary())
     if empty:
         _warn(f"{len(empty)} class folder(s) have no usable images and keep their index: "
               f"{empty[:SHOW_SKIPPED]}")
-    return index
 
 
 def _stat(f: Path) -> tuple[int, int]:

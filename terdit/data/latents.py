@@ -353,12 +353,7 @@ def extract_latents(
     """Encode every usable image of `data` into shards under `out`; returns the manifest, or None when
     `max_shards` stopped this run early (a rerun continues). Under torchrun each process takes every
     world-th shard; rank 0 checks coverage and writes the manifest once all are done."""
-    if vae_mode not in EXTRACT_MODES:
-        raise TerditError(f"--vae-mode must be one of {EXTRACT_MODES}, got {vae_mode!r}")
-    if store_dtype not in STORE_DTYPES:
-        raise TerditError(f"store dtype must be one of {tuple(STORE_DTYPES)}, got {store_dtype!r}")
-    if shard_size < 1 or batch_size < 1:
-        raise TerditError("--shard-size and --batch-size must be positive")
+    _check_extract_args(vae_mode, store_dtype, shard_size, batch_size)
     out = Path(out)
     d = _Dist(device)
     hold = contextlib.ExitStack()
@@ -366,18 +361,7 @@ def extract_latents(
     try:
         if d.rank == 0 and (out.is_dir() or not existed):
             hold.enter_context(locked(out / LOCK_FILE, f"--out {out}"))
-        # Scan on rank 0 (its errors reach everyone), then hand the same index to every process.
-        index, error = None, None
-        if d.rank == 0:
-            try:
-                if out.exists() and not out.is_dir():
-                    raise TerditError(f"--out {out}: exists and is not a directory")
-                index = scan_image_folder(data, class_map=class_map, strict=strict, num_workers=num_workers)
-            except TerditError as e:
-                error = str(e)
-        d.agree(error)
-        index = d.broadcast(index.to_dict() if index is not None else None)
-        index = ImageIndex.from_dict(index)
+        index = _shared_index(d, out, data, class_map=class_map, strict=strict, num_workers=num_workers)
 
         error = None
         try:
@@ -401,53 +385,90 @@ def extract_latents(
         mine = [k for k in range(d.rank, n_shards, d.world) if not _shard_done(out, k, settings)]
         if max_shards is not None:
             mine = mine[:max_shards]
-        bar = None
-        if progress and d.rank == 0:
-            from tqdm import tqdm
-
-            todo = sum(min(len(index), (k + 1) * shard_size) - k * shard_size for k in mine)
-            desc = "extract-latents" + (f" (rank 0 of {d.world})" if d.world > 1 else "")
-            bar = tqdm(total=todo, desc=desc, unit="img", dynamic_ncols=True)
-        error = None
-        late: list[str] = []
-        try:
-            for k in mine:
-                tensors, bad = _encode_shard(model, index, k, settings, batch_size=batch_size,
-                                             num_workers=num_workers, progress=bar)
-                if bad and strict:
-                    raise TerditError(f"--strict: {index.paths[bad[0][0]]}: {bad[0][1]}")
-                late.extend(f"{index.paths[i]} ({why})" for i, why in bad)
-                meta = {"settings_hash": settings["settings_hash"], "shard": str(k),
-                        "written_by": f"rank {d.rank} of {d.world}",
-                        "skipped": json.dumps(bad), "settings": json.dumps(settings)}
-                save_tensors(out / shard_name(k), tensors, metadata=meta)
-        except TerditError as e:
-            error = f"rank {d.rank}: {e}" if d.world > 1 else str(e)
-        finally:
-            if bar is not None:
-                bar.close()
-        d.agree(error)
-        late_all = [x for part in d.gather(late) for x in part]
-        if late_all:
-            _warn(f"{len(late_all)} image(s) failed to decode during extraction and were left out: "
-                  + "; ".join(late_all[:SHOW_SKIPPED]))
-
-        done = d.broadcast(all(_shard_done(out, k, settings) for k in range(n_shards)))  # rank 0's view
-        error, manifest = None, None
-        if d.rank == 0 and done:
-            try:
-                manifest = _write_manifest(out, index, settings)
-            except TerditError as e:
-                error = str(e)
-        d.agree(error)
-        if not done:
-            return None
-        return manifest if d.rank == 0 else read_manifest(out)
+        _encode_shards(d, out, model, index, mine, settings, batch_size=batch_size, num_workers=num_workers,
+                       strict=strict, progress=progress)
+        return _finish(d, out, index, settings, n_shards)
     finally:
         hold.close()
         if d.rank == 0 and not existed and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # refused before anything was written: leave nothing behind
         d.close()
+
+
+def _check_extract_args(vae_mode: str, store_dtype: str, shard_size: int, batch_size: int) -> None:
+    if vae_mode not in EXTRACT_MODES:
+        raise TerditError(f"--vae-mode must be one of {EXTRACT_MODES}, got {vae_mode!r}")
+    if store_dtype not in STORE_DTYPES:
+        raise TerditError(f"store dtype must be one of {tuple(STORE_DTYPES)}, got {store_dtype!r}")
+    if shard_size < 1 or batch_size < 1:
+        raise TerditError("--shard-size and --batch-size must be positive")
+
+
+def _shared_index(d: _Dist, out: Path, data: str | Path, **scan: Any) -> ImageIndex:
+    """Scan on rank 0 (its errors reach everyone), then hand the same index to every process."""
+    index, error = None, None
+    if d.rank == 0:
+        try:
+            if out.exists() and not out.is_dir():
+                raise TerditError(f"--out {out}: exists and is not a directory")
+            index = scan_image_folder(data, **scan)
+        except TerditError as e:
+            error = str(e)
+    d.agree(error)
+    index = d.broadcast(index.to_dict() if index is not None else None)
+    return ImageIndex.from_dict(index)
+
+
+def _encode_shards(d: _Dist, out: Path, model: VAE, index: ImageIndex, mine: list[int], settings: dict[str, Any],
+                   *, batch_size: int, num_workers: int, strict: bool, progress: bool) -> None:
+    """Encode and save this process's shards; images that fail to decode only now are reported by rank 0."""
+    shard_size = settings["shard_size"]
+    bar = None
+    if progress and d.rank == 0:
+        from tqdm import tqdm
+
+        todo = sum(min(len(index), (k + 1) * shard_size) - k * shard_size for k in mine)
+        desc = "extract-latents" + (f" (rank 0 of {d.world})" if d.world > 1 else "")
+        bar = tqdm(total=todo, desc=desc, unit="img", dynamic_ncols=True)
+    error = None
+    late: list[str] = []
+    try:
+        for k in mine:
+            tensors, bad = _encode_shard(model, index, k, settings, batch_size=batch_size,
+                                         num_workers=num_workers, progress=bar)
+            if bad and strict:
+                raise TerditError(f"--strict: {index.paths[bad[0][0]]}: {bad[0][1]}")
+            late.extend(f"{index.paths[i]} ({why})" for i, why in bad)
+            meta = {"settings_hash": settings["settings_hash"], "shard": str(k),
+                    "written_by": f"rank {d.rank} of {d.world}",
+                    "skipped": json.dumps(bad), "settings": json.dumps(settings)}
+            save_tensors(out / shard_name(k), tensors, metadata=meta)
+    except TerditError as e:
+        error = f"rank {d.rank}: {e}" if d.world > 1 else str(e)
+    finally:
+        if bar is not None:
+            bar.close()
+    d.agree(error)
+    late_all = [x for part in d.gather(late) for x in part]
+    if late_all:
+        _warn(f"{len(late_all)} image(s) failed to decode during extraction and were left out: "
+              + "; ".join(late_all[:SHOW_SKIPPED]))
+
+
+def _finish(d: _Dist, out: Path, index: ImageIndex, settings: dict[str, Any], n_shards: int) -> dict[str, Any] | None:
+    """Rank 0 writes the manifest once every shard is there; every process returns it (None while shards are
+    missing, e.g. after `max_shards`)."""
+    done = d.broadcast(all(_shard_done(out, k, settings) for k in range(n_shards)))  # rank 0's view
+    error, manifest = None, None
+    if d.rank == 0 and done:
+        try:
+            manifest = _write_manifest(out, index, settings)
+        except TerditError as e:
+            error = str(e)
+    d.agree(error)
+    if not done:
+        return None
+    return manifest if d.rank == 0 else read_manifest(out)
 
 
 def _check_existing(out: Path, settings: dict[str, Any]) -> None:

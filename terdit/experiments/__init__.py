@@ -1,1 +1,2 @@
-"""The paper's comparisons at small scale and the activation analyses."""
+"""The paper's comparisons at small scale (`terdit reproduce`: variants, runner, evaluation, claims, plots,
+report) and the activation analyses (`terdit analyze`: analysis)."""

@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -396,7 +396,48 @@ class Trainer:
         self._decode = data.decode
         cfg = self.config
         micro = self._check_batch(cfg)
+        model, ema, opt = self._start_state(cfg)
+        self._write_run_files(cfg)
+        barrier(d)
 
+        sampler = StepBatchSampler(len(data.dataset), micro, a.seed, d.rank, d.world_size,
+                                   start=self.start_step * a.grad_accum)
+        loader = iter(DataLoader(data.dataset, batch_sampler=sampler, num_workers=a.num_workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0))
+        diffusion = GaussianDiffusion.create(None, learn_sigma=cfg.learn_sigma)
+        writer = self._tensorboard() if d.is_main else None
+        decay = float(a.ema_decay if a.ema_decay is not None else a.resolved_ema_decay())
+
+        bar = tqdm(total=a.steps, initial=self.start_step, desc="train", disable=not (a.progress and d.is_main),
+                   dynamic_ncols=True)
+        busy, steps_since, last = 0.0, 0, {}  # busy: seconds spent in training steps (no sampling, no saving)
+        self._ckpt_time = time.monotonic()
+        stopped = 0
+        for step in range(self.start_step, a.steps):
+            t_step = time.perf_counter()
+            lr, terms_sum, grad_norm = self._step(step, model, opt, loader, data, diffusion)
+            ema_update(ema, model, decay)
+            busy += time.perf_counter() - t_step
+
+            done = step + 1
+            steps_since += 1
+            if done % a.log_every == 0 or done == a.steps:
+                last = self._report(done, terms_sum, grad_norm, lr, steps_since / max(busy, 1e-9), writer, bar)
+                busy, steps_since = 0.0, 0
+            bar.update(1)
+            stopped = self._after_step(done, model, ema, opt, writer)
+            if stopped:
+                break
+        bar.close()
+        self.model, self.ema = model, ema  # for callers that inspect the result (tests, notebooks)
+        if stopped:
+            self._interrupted(stopped, done, writer)
+        self._finish(model, ema, opt, writer)
+        return last
+
+    def _start_state(self, cfg: TerDiTConfig) -> tuple[nn.Module, nn.Module, torch.optim.Optimizer]:
+        """Model, EMA and optimizer: fresh from the seed, from `init_from`, or as the latest checkpoint left them."""
+        a = self.args
         torch.manual_seed(a.seed)
         model = self._build_model(cfg)
         if a.act_bits is not None and not set_act_bits(model, a.act_bits):
@@ -418,90 +459,99 @@ class Trainer:
         if ckpt is not None:
             self.start_step = self._load_checkpoint(ckpt, model, opt)
             self._saved_step = self.start_step
-        # written once the checkpoint and the log were read: a run that cannot resume is left as it was
+        return model, ema, opt
+
+    def _write_run_files(self, cfg: TerDiTConfig) -> None:
+        """config.json and train_args.json, written once the checkpoint and the log were read: a run that cannot
+        resume is left as it was."""
+        a = self.args
         self._truncate_log(self.start_step)  # a fresh start drops the log of an attempt killed before any checkpoint
-        if d.is_main:
+        if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if not a.resume:
                 cfg.save(self.out / runlib.CONFIG_FILE)
             atomic_write_text(self.out / runlib.TRAIN_ARGS_FILE, json.dumps(dataclasses.asdict(a), indent=2) + "\n")
-        barrier(d)
 
-        sampler = StepBatchSampler(len(data.dataset), micro, a.seed, d.rank, d.world_size,
-                                   start=self.start_step * a.grad_accum)
-        loader = iter(DataLoader(data.dataset, batch_sampler=sampler, num_workers=a.num_workers,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=a.num_workers > 0))
-        diffusion = GaussianDiffusion.create(None, learn_sigma=cfg.learn_sigma)
-        writer = self._tensorboard() if d.is_main else None
-        decay = float(a.ema_decay if a.ema_decay is not None else a.resolved_ema_decay())
+    def _step(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, loader: Iterator,
+              data: TrainingData, diffusion: GaussianDiffusion) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """One optimizer step over `grad_accum` micro-batches: (lr, summed loss/mse/vb terms, gradient norm).
 
-        bar = tqdm(total=a.steps, initial=self.start_step, desc="train", disable=not (a.progress and d.is_main),
-                   dynamic_ncols=True)
-        busy, steps_since, last = 0.0, 0, {}  # busy: seconds spent in training steps (no sampling, no saving)
-        self._ckpt_time = time.monotonic()
-        stopped = 0
-        for step in range(self.start_step, a.steps):
-            t_step = time.perf_counter()
-            lr = a.lr_after_drop if a.lr_drop_step is not None and step >= a.lr_drop_step else a.lr
-            for group in opt.param_groups:
-                group["lr"] = lr
-            torch.manual_seed(derived_seed(a.seed, _STEP_NOISE, step, d.rank))
-            terms_sum = torch.zeros(3, device=self.device)
-            for k in range(a.grad_accum):
-                x, y = next(loader)
-                x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-                if data.encode is not None:
-                    with torch.no_grad():
-                        x = data.encode(x)
-                t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=self.device)
-                noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)  # not _like: layout-independent
-                sync = contextlib.nullcontext()
-                if isinstance(model, nn.parallel.DistributedDataParallel) and k < a.grad_accum - 1:
-                    sync = model.no_sync()
-                with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                          enabled=self.autocast_dtype is not None):
-                    terms = self._losses(model, diffusion, x, t, noise, y)
-                    loss = terms["loss"].mean()
-                    (loss / a.grad_accum).backward()
-                terms_sum += torch.stack([loss.detach(), terms["mse"].mean().detach(),
-                                          terms.get("vb", torch.zeros(1, device=self.device)).mean().detach()])
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else math.inf)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            ema_update(ema, model, decay)
-            busy += time.perf_counter() - t_step
+        The noise of step `step` is seeded from (seed, step, rank), so a resumed run draws what it would have."""
+        a = self.args
+        lr = a.lr_after_drop if a.lr_drop_step is not None and step >= a.lr_drop_step else a.lr
+        for group in opt.param_groups:
+            group["lr"] = lr
+        torch.manual_seed(derived_seed(a.seed, _STEP_NOISE, step, self.dist.rank))
+        terms_sum = torch.zeros(3, device=self.device)
+        for k in range(a.grad_accum):
+            terms_sum += self._micro_step(model, loader, data, diffusion, sync_grads=k == a.grad_accum - 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), a.grad_clip if a.grad_clip > 0 else math.inf)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return lr, terms_sum, grad_norm
 
-            done = step + 1
-            steps_since += 1
-            if done % a.log_every == 0 or done == a.steps:
-                vals = mean_across(terms_sum / a.grad_accum, d).tolist()
-                sps = steps_since / max(busy, 1e-9)
-                busy, steps_since = 0.0, 0
-                gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-                last = {"step": done, "loss": vals[0], "mse": vals[1], "vb": vals[2], "lr": lr,
-                        "grad_norm": gn, "steps_per_s": sps, "images_per_s": sps * a.batch_size}
-                if d.is_main:
-                    self._log(last, writer)
-                    bar.set_postfix(loss=f"{vals[0]:.4f}")  # the rate: tqdm's own it/s, one number
-            bar.update(1)
-            fault_point(f"train-step:{done}")
-            stopped, timed = self._agreed_flags(done)
-            if done != a.steps and (stopped or timed or (a.ckpt_every and done % a.ckpt_every == 0)):
-                self._save(done, model, ema, opt)
-            if stopped:
-                break
-            if a.sample_every and done % a.sample_every == 0 and d.is_main:
-                self._sample_grid(ema, self.out / "samples" / f"{done:07d}.png", writer, done)
-        bar.close()
-        self.model, self.ema = model, ema  # for callers that inspect the result (tests, notebooks)
+    def _micro_step(self, model: nn.Module, loader: Iterator, data: TrainingData, diffusion: GaussianDiffusion,
+                    sync_grads: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; its (loss, mse, vb) means, detached. DDP all-reduces the
+        gradients only on the last micro-batch of a step (`sync_grads`)."""
+        a = self.args
+        x, y = next(loader)
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if data.encode is not None:
+            with torch.no_grad():
+                x = data.encode(x)
+        t = torch.randint(0, diffusion.num_timesteps, (x.shape[0],), device=self.device)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype)  # not _like: layout-independent
+        sync = contextlib.nullcontext()
+        if isinstance(model, nn.parallel.DistributedDataParallel) and not sync_grads:
+            sync = model.no_sync()
+        with sync, torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                  enabled=self.autocast_dtype is not None):
+            terms = self._losses(model, diffusion, x, t, noise, y)
+            loss = terms["loss"].mean()
+            (loss / a.grad_accum).backward()
+        return torch.stack([loss.detach(), terms["mse"].mean().detach(),
+                            terms.get("vb", torch.zeros(1, device=self.device)).mean().detach()])
+
+    def _report(self, done: int, terms_sum: torch.Tensor, grad_norm: torch.Tensor, lr: float, sps: float,
+                writer, bar) -> dict[str, Any]:
+        """The log line of step `done` (terms averaged over micro-batches and processes), written by rank 0."""
+        a, d = self.args, self.dist
+        vals = mean_across(terms_sum / a.grad_accum, d).tolist()
+        gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        last = {"step": done, "loss": vals[0], "mse": vals[1], "vb": vals[2], "lr": lr,
+                "grad_norm": gn, "steps_per_s": sps, "images_per_s": sps * a.batch_size}
+        if d.is_main:
+            self._log(last, writer)
+            bar.set_postfix(loss=f"{vals[0]:.4f}")  # the rate: tqdm's own it/s, one number
+        return last
+
+    def _after_step(self, done: int, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, writer) -> int:
+        """Checkpoint and sample grid after step `done` when due; the stop signal all ranks agreed on (0: go on)."""
+        a = self.args
+        fault_point(f"train-step:{done}")
+        stopped, timed = self._agreed_flags(done)
+        if done != a.steps and (stopped or timed or (a.ckpt_every and done % a.ckpt_every == 0)):
+            self._save(done, model, ema, opt)
         if stopped:
-            if writer is not None:
-                writer.close()
-            barrier(d)
-            shutdown(d)
-            raise Interrupted(stopped, f"stopped by {signal.Signals(stopped).name} after step {done}; "
-                                       f"checkpoint {self.out / runlib.CKPT_DIR / runlib.checkpoint_name(done)}, "
-                                       f"continue with --resume")
+            return stopped
+        if a.sample_every and done % a.sample_every == 0 and self.dist.is_main:
+            self._sample_grid(ema, self.out / "samples" / f"{done:07d}.png", writer, done)
+        return 0
+
+    def _interrupted(self, stopped: int, done: int, writer) -> NoReturn:
+        """End a run a signal stopped (its checkpoint is written): close up and raise Interrupted."""
+        if writer is not None:
+            writer.close()
+        barrier(self.dist)
+        shutdown(self.dist)
+        raise Interrupted(stopped, f"stopped by {signal.Signals(stopped).name} after step {done}; "
+                                   f"checkpoint {self.out / runlib.CKPT_DIR / runlib.checkpoint_name(done)}, "
+                                   f"continue with --resume")
+
+    def _finish(self, model: nn.Module, ema: nn.Module, opt: torch.optim.Optimizer, writer) -> None:
+        """The final checkpoint and sample grid, then close up."""
+        a, d = self.args, self.dist
         self._save(a.steps, model, ema, opt)
         # the final grid is redone on resume when a crash came between the last checkpoint and the grid
         if d.is_main and (self.start_step < a.steps or not (self.out / "samples.png").is_file()):
@@ -510,7 +560,6 @@ class Trainer:
             writer.close()
         barrier(d)
         shutdown(d)
-        return last
 
     def _agreed_flags(self, done: int) -> tuple[int, bool]:
         """(signal that asked us to stop or 0, whether `ckpt_minutes` have passed), the same on every rank."""

@@ -1,0 +1,125 @@
+"""The variants `terdit reproduce` compares, and the settings every one of them shares.
+
+Every trained variant is the same model and trainer with different switches (`TrainArgs`), trained on the same
+data with the same seed, step budget and schedule; the post-training-quantization (PTQ) baselines are the trained
+full-precision model passed through `terdit.quant.ptq`.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from terdit.errors import TerditError
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the comparison: trainer switches, or a PTQ recipe applied to the full-precision run."""
+
+    name: str
+    label: str
+    train: dict[str, Any] = field(default_factory=dict)  # TrainArgs overrides; empty for PTQ variants
+    ptq: tuple[str, str] | None = None  # (method, granularity)
+
+    @property
+    def trained(self) -> bool:
+        return self.ptq is None
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("full-precision", "Full precision (Large-DiT)", {"linear": "fp", "adaln_norm": False}),
+    Variant("terdit", "TerDiT (ternary + adaLN RMSNorm)", {"linear": "ternary", "adaln_norm": True}),
+    Variant("terdit-no-norm", "TerDiT without adaLN RMSNorm", {"linear": "ternary", "adaln_norm": False}),
+    Variant("bitnet", "BitNet b1.58 (QAT)", {"linear": "bitnet", "adaln_norm": False}),
+    Variant("terdit-lr-drop", "TerDiT, LR 5e-4 -> 1e-4", {"linear": "ternary", "adaln_norm": True, "lr_drop": True}),
+    Variant("ptq-ternary-tensor", "PTQ ternary, per tensor", ptq=("ternary", "tensor")),
+    Variant("ptq-ternary-channel", "PTQ ternary, per channel", ptq=("ternary", "channel")),
+    Variant("ptq-2bit-tensor", "PTQ 2-bit, per tensor", ptq=("2bit", "tensor")),
+    Variant("ptq-2bit-channel", "PTQ 2-bit, per channel", ptq=("2bit", "channel")),
+]}
+FP = "full-precision"
+COLORS = {n: f"C{k}" for k, n in enumerate(VARIANTS)}  # one colour per variant in every plot
+
+FULL_BUDGET = dict(steps=2000, batch_size=128, eval_every=500, num_samples=500, sample_steps=50)
+QUICK_BUDGET = dict(steps=30, batch_size=32, eval_every=15, num_samples=100, sample_steps=10)
+
+
+@dataclass
+class Settings:
+    """What `terdit reproduce` was asked for, with the budget resolved (`--quick` or the full one)."""
+
+    out: str = "reproduce"
+    quick: bool = False
+    config: str = "TerDiT-Digits"
+    data: str | None = None
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 5e-4
+    lr_after_drop: float = 1e-4
+    lr_drop_fraction: float = 0.75
+    seed: int = 0
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    num_samples: int = 500
+    sample_steps: int = 50
+    cfg: list[float] = field(default_factory=lambda: [1.5, 4.0])
+    eval_every: int = 500
+    metrics: str = "auto"
+    device: str | None = None
+    progress: bool = True
+
+    @property
+    def lr_drop_step(self) -> int:
+        return max(1, min(self.steps - 1, round(self.lr_drop_fraction * self.steps)))
+
+    def eval_steps(self) -> list[int]:
+        return sorted(set(range(self.eval_every, self.steps, self.eval_every)) | {self.steps})
+
+    def validate(self) -> None:
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        checks = [
+            (not unknown, f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}"),
+            (self.steps >= 2, f"--steps must be >= 2 (the LR-drop ablation needs a step to drop at), got {self.steps}"),
+            (self.num_samples >= 10, f"--num-samples must be >= 10, got {self.num_samples}"),
+            (1 <= self.sample_steps <= 1000, f"--sample-steps must be in [1, 1000], got {self.sample_steps}"),
+            (bool(self.cfg) and all(c >= 0 for c in self.cfg), f"--cfg values must be >= 0, got {self.cfg}"),
+            (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
+            (0 < self.lr_drop_fraction < 1, f"--lr-drop-fraction must be in (0, 1), got {self.lr_drop_fraction}"),
+            (self.metrics in ("auto", "digits", "loss"), f"--metrics must be auto, digits or loss: {self.metrics}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise TerditError(msg)
+
+    def command_line(self) -> str:
+        """A `terdit reproduce` line that reproduces this report (every resolved option spelled out)."""
+        parts = ["terdit", "reproduce", "--out", self.out, "--config", self.config]
+        if self.data:
+            parts += ["--data", self.data]
+        parts += ["--steps", str(self.steps), "--batch-size", str(self.batch_size), "--seed", str(self.seed),
+                  "--eval-every", str(self.eval_every), "--num-samples", str(self.num_samples),
+                  "--sample-steps", str(self.sample_steps), "--cfg", *[f"{c:g}" for c in self.cfg],
+                  "--lr-drop-fraction", f"{self.lr_drop_fraction:g}", "--metrics", self.metrics,
+                  "--variants", *self.variants]
+        if self.device:
+            parts += ["--device", self.device]
+        return shlex.join(parts)
+
+
+def train_args_for(variant: Variant, s: Settings):
+    """The variant's TrainArgs: shared settings plus its switches, nothing tuned per variant."""
+    from terdit.training.trainer import TrainArgs
+
+    sw = dict(variant.train)
+    drop = sw.pop("lr_drop", False)
+    args = TrainArgs(
+        out=str(Path(s.out) / "runs" / variant.name), config=s.config, data=s.data, steps=s.steps,
+        batch_size=s.batch_size, lr=s.lr, lr_after_drop=s.lr_after_drop,
+        lr_drop_step=s.lr_drop_step if drop else None, seed=s.seed, ckpt_every=s.eval_every,
+        keep_checkpoints=10**9, log_every=1, sample_steps=s.sample_steps, tensorboard=False, progress=s.progress,
+        device=s.device, **sw,
+    )
+    args.ema_decay = args.resolved_ema_decay()  # stored resolved, so reuse checks compare real values
+    return args
