@@ -37,8 +37,8 @@ METRICS = ("fid", "inception_score", "precision", "recall", "class_acc", "eval_l
 def _main(argv: list[str]) -> int:
     """The real `terdit` entry point, with this command registered even before cli.py lists it."""
     modules = list(cli.COMMAND_MODULES)
-    if "terdit.experiments.reproduce" not in modules:
-        modules.append("terdit.experiments.reproduce")
+    if "terdit.cli.reproduce" not in modules:
+        modules.append("terdit.cli.reproduce")
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cli, "COMMAND_MODULES", modules)
         return cli.main(argv)

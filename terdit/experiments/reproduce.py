@@ -14,7 +14,6 @@ Layout of REPORT_DIR::
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -33,8 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from terdit.cli.args import positive_int
-from terdit.defaults import default_device
+from terdit.defaults import default_device, device_setting, positive_int, setting
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, atomic_write, atomic_write_text
 from terdit.models import runs as runlib
@@ -85,25 +83,28 @@ QUICK_BUDGET = dict(steps=30, batch_size=32, eval_every=15, num_samples=100, sam
 class Settings:
     """What `terdit reproduce` was asked for, with the budget resolved (`--quick` or the full one)."""
 
-    out: str = "reproduce"
-    quick: bool = False
-    config: str = "TerDiT-Digits"
-    data: str | None = None
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 5e-4
-    lr_after_drop: float = 1e-4
-    lr_drop_fraction: float = 0.75
-    seed: int = 0
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    num_samples: int = 500
-    sample_steps: int = 50
-    cfg: list[float] = field(default_factory=lambda: [1.5, 4.0])
-    eval_every: int = 500
-    metrics: str = "auto"
-    device: str | None = None
-    progress: bool = True
-
+    out: str = setting("reproduce", "report folder (runs, evaluations, report.md)")
+    quick: bool = setting(False, f"CI budget: {', '.join(f'{k}={v}' for k, v in QUICK_BUDGET.items())}")
+    config: str = setting("TerDiT-Digits", "model config (see `terdit configs`)")
+    data: str | None = setting(None, "training data (default: the embedded digits)")
+    steps: int = setting(FULL_BUDGET["steps"], type=positive_int)
+    batch_size: int = setting(FULL_BUDGET["batch_size"], type=positive_int)
+    lr: float = setting(5e-4, cli=False)
+    lr_after_drop: float = setting(1e-4, cli=False)
+    lr_drop_fraction: float = setting(0.75, "where terdit-lr-drop drops its LR", type=float)
+    seed: int = setting(0, type=int)
+    variants: list[str] = setting(help=f"which rows to produce (default all): {', '.join(VARIANTS)}",
+                                  choices=list(VARIANTS), nargs="+", metavar="NAME",
+                                  default_factory=lambda: list(VARIANTS))
+    num_samples: int = setting(FULL_BUDGET["num_samples"], "samples per evaluation", type=positive_int)
+    sample_steps: int = setting(FULL_BUDGET["sample_steps"], "DDPM sampling steps", type=positive_int)
+    cfg: list[float] = setting(help="guidance scales: the first at every checkpoint and for the claims, all at the "
+                               "last", type=float, nargs="+", default_factory=lambda: [1.5, 4.0])
+    eval_every: int = setting(FULL_BUDGET["eval_every"], "checkpoint and evaluate every N steps", type=positive_int)
+    metrics: str = setting("auto", "auto: digits features for digits data, eval loss otherwise",
+                           choices=["auto", "digits", "loss"])
+    device: str | None = device_setting("cpu or cuda (default: cuda if present)")
+    progress: bool = setting(True)
     @property
     def lr_drop_step(self) -> int:
         return max(1, min(self.steps - 1, round(self.lr_drop_fraction * self.steps)))
@@ -939,51 +940,3 @@ def render_report(results: dict[str, Any]) -> str:
               "in full precision, as in TerDiT.",
               "- Every number is in `results.json`; the runs are ordinary `terdit` run folders under `runs/`.", ""]
     return "\n".join(lines)
-
-
-# -- CLI ---------------------------------------------------------------------------------------------------------------
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="the paper's comparisons at small scale: train, evaluate, report")
-    p.add_argument("--out", default="reproduce", help="report folder (runs, evaluations, report.md)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"CI budget: {', '.join(f'{k}={v}' for k, v in QUICK_BUDGET.items())}")
-    p.add_argument("--config", default="TerDiT-Digits", help="model config (see `terdit configs`)")
-    p.add_argument("--data", default=None, help="training data (default: the embedded digits)")
-    p.add_argument("--steps", type=positive_int, default=None, help=f"default {FULL_BUDGET['steps']}")
-    p.add_argument("--batch-size", type=positive_int, default=None, help=f"default {FULL_BUDGET['batch_size']}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
-                   help=f"which rows to produce (default all): {', '.join(VARIANTS)}")
-    p.add_argument("--num-samples", type=positive_int, default=None,
-                   help=f"samples per evaluation (default {FULL_BUDGET['num_samples']})")
-    p.add_argument("--sample-steps", type=positive_int, default=None,
-                   help=f"DDPM sampling steps (default {FULL_BUDGET['sample_steps']})")
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.5, 4.0],
-                   help="guidance scales: the first at every checkpoint and for the claims, all at the last")
-    p.add_argument("--eval-every", type=positive_int, default=None,
-                   help=f"checkpoint and evaluate every N steps (default {FULL_BUDGET['eval_every']})")
-    p.add_argument("--lr-drop-fraction", type=float, default=0.75, help="where terdit-lr-drop drops its LR")
-    p.add_argument("--metrics", choices=["auto", "digits", "loss"], default="auto",
-                   help="auto: digits features for digits data, eval loss otherwise")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=cmd_reproduce)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
-    pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in budget.items()}
-    return Settings(out=args.out, quick=args.quick, config=args.config, data=args.data, seed=args.seed,
-                    variants=list(dict.fromkeys(args.variants)), cfg=list(args.cfg),
-                    lr_drop_fraction=args.lr_drop_fraction, metrics=args.metrics, device=args.device,
-                    progress=args.progress, **pick)
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    results = reproduce(settings_from_args(args))
-    for c in results["claims"]:
-        print(f"({c['id']}) {_verdict(c['held'])}: {c['claim']}")
-    print(f"wrote {Path(args.out) / 'report.md'} and results.json in {results['wall_s']:.0f} s")
-    return 0
