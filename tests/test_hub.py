@@ -17,6 +17,7 @@ import terdit.loading.hub as hub
 from terdit.deploy import PackedLinear, export_model, load_deployed
 from terdit.errors import TerditError
 from terdit.io import load_tensors
+from terdit.loading.kinds import kind_of
 from terdit.models import TerDiT
 from terdit.models.runs import load_run_model
 from terdit.training.trainer import TrainArgs, Trainer
@@ -72,7 +73,7 @@ def test_folder_saved_by_terdit_0_1_still_opens(tmp_path):
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "old" / "model.safetensors"),
               metadata={"format": "pt"})
-    assert hub.path_kind(tmp_path / "old") == "legacy"
+    assert kind_of(tmp_path / "old") == "legacy"
     loaded = TerDiT.from_pretrained(tmp_path / "old")
     assert loaded.config == model.config and torch.equal(forward(loaded), forward(model))
     assert TerDiT.from_pretrained(tmp_path / "old", torch_dtype=torch.bfloat16).dtype == torch.bfloat16
@@ -250,3 +251,19 @@ def test_model_card_carries_the_models_facts(run_dir, tmp_path):
     assert f"{counts['total']:,} total: {counts['ternary']:,} ternary" in card
     assert "- steps: 3" in card and "DDIMScheduler, DiTPipeline" not in card  # a 10-class model: terdit's pipeline only
     assert "TerDiTPipeline" in card and "1.58 of information" in card
+
+
+def test_open_model_is_from_pretrained_and_without_hooks_terdit_is_a_plain_diffusers_model(tmp_path, monkeypatch):
+    """terdit.open_model is the one opener (TerDiT.from_pretrained calls it through terdit.loading's hook); with
+    the hooks removed, the model layer alone behaves as diffusers' ModelMixin (no model card, no terdit layouts)."""
+    import terdit
+    import terdit.models.terdit as model_module
+
+    model = random_model(seed=5)
+    model.save_pretrained(tmp_path / "m")
+    opened = terdit.open_model(tmp_path / "m")
+    assert isinstance(opened, TerDiT) and torch.equal(forward(opened), forward(model))
+    monkeypatch.setattr(model_module, "_HOOKS", {})
+    model.save_pretrained(tmp_path / "plain")
+    assert not (tmp_path / "plain" / "README.md").exists()
+    assert torch.equal(forward(TerDiT.from_pretrained(tmp_path / "plain")), forward(model))

@@ -85,6 +85,8 @@ def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype =
         from diffusers import AutoencoderKL
     except ImportError as e:  # pragma: no cover - diffusers is a dependency
         raise TerditError(f"loading a VAE needs diffusers ({e})") from e
+    from terdit.loading.kinds import is_hub_id
+
     repo = resolve_vae_spec(spec)
     local = Path(repo).expanduser()
     # low_cpu_mem_usage needs accelerate; saying so up front avoids diffusers' warning when it is absent
@@ -99,7 +101,7 @@ def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype =
             raise TerditError(f"--vae {spec}: {local} has no config.json "
                               "(not a diffusers AutoencoderKL directory)")
         source = repo = str(local.resolve())  # recorded in manifests: valid from any working directory
-    elif repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+    elif not is_hub_id(repo, owner=True):
         raise TerditError(f"--vae {spec}: no such directory, and not a hub id like stabilityai/sd-vae-ft-ema")
     else:
         source = repo

@@ -15,15 +15,9 @@ from typing import Any
 
 import torch
 
-from terdit.errors import TerditError
+from terdit.models.labels import lexicographic_permutation, permute_labels
 
-
-def lexicographic_permutation(num_classes: int) -> torch.Tensor:
-    """perm[i] = rank of str(i) among str(0..num_classes-1) in sorted string order."""
-    order = sorted(range(num_classes), key=str)
-    perm = torch.empty(num_classes, dtype=torch.long)
-    perm[torch.tensor(order)] = torch.arange(num_classes)
-    return perm
+__all__ = ["label_permutation_of", "lexicographic_permutation", "map_labels", "permute_labels"]
 
 
 def label_permutation_of(source: Any) -> tuple[str | None, int]:
@@ -44,13 +38,3 @@ def map_labels(source: Any, labels: torch.Tensor) -> torch.Tensor:
     if perm_name is None:
         return labels
     return permute_labels(perm_name, n, labels)
-
-
-def permute_labels(perm_name: str, n: int, labels: torch.Tensor) -> torch.Tensor:
-    """ImageNet ids (0..n-1, or n for the null class) -> indices in the named class order."""
-    if perm_name != "lexicographic":
-        raise TerditError(f"unknown label permutation {perm_name!r}")
-    if bool(((labels < 0) | (labels > n)).any()):
-        raise TerditError(f"class ids must be in 0..{n - 1} (or {n} for the null class)")
-    table = torch.cat([lexicographic_permutation(n), torch.tensor([n])]).to(labels.device)
-    return table[labels.long()].to(labels.dtype)

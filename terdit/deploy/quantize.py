@@ -20,22 +20,22 @@ REPORT_FILE = "quantize.json"
 
 def load_source_model(src: str | Path, ema: bool = True) -> tuple[TerDiT, dict, str]:
     """(full-precision model, source description, checkpoint name) from a run or an fp deploy/release dir."""
-    from terdit.deploy.format import is_deploy_dir
-    from terdit.deploy.loader import load_deployed
-    from terdit.deploy.public import is_release_dir
-    from terdit.models.runs import CONFIG_FILE, latest_checkpoint, load_run_model
+    from terdit.loading.kinds import PACKED_LAYOUTS, kind_of
+    from terdit.loading.open import open_model
+    from terdit.models.runs import latest_checkpoint
 
     src = Path(src)
-    if (src / CONFIG_FILE).is_file() and not is_deploy_dir(src):
+    kind = kind_of(src)
+    if kind not in PACKED_LAYOUTS and src.is_dir():  # a run folder; if not one, latest_checkpoint says why
         ckpt = latest_checkpoint(src)
-        model = load_run_model(src, ema=ema, checkpoint=ckpt)
+        model = open_model(src, ema=ema, checkpoint=ckpt)
         return (
             model,
             {"kind": "run", "run": str(src.resolve()), "checkpoint": ckpt.name, "ema": ema},
             ckpt.name,
         )
-    if is_deploy_dir(src) or is_release_dir(src):
-        model = load_deployed(src, policy="memory")
+    if kind in PACKED_LAYOUTS:
+        model = open_model(src, policy="memory")
         if model.config.ternary:
             raise TerditError(f"{src}: already ternary; PTQ applies to full-precision models")
         return model, dict(model.deploy_info["source"], deploy_dir=str(src.resolve())), "0000000"

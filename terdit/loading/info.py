@@ -29,7 +29,7 @@ SAFETENSORS_DTYPES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16
 # -- what PATH is ------------------------------------------------------------------------------------------
 def resolve(path_or_name: str) -> dict[str, Any]:
     """{"kind", "config", "weights" (file or None), "deploy" (section or None), "downsample"} for PATH."""
-    from terdit.loading.hub import PIPELINE_INDEX, path_kind
+    from terdit.loading.kinds import Kind, kind_of, model_dir
 
     if path_or_name in CONFIGS or path_or_name in ALIASES:
         cfg = get_config(path_or_name)
@@ -38,13 +38,8 @@ def resolve(path_or_name: str) -> dict[str, Any]:
     path = Path(path_or_name).expanduser()
     if not path.exists():
         raise TerditError(f"{path_or_name}: neither a config name ({', '.join(CONFIGS)}) nor an existing path")
-    kind = path_kind(path)
-    downsample = None
-    if kind == "pipeline":
-        downsample = _pipeline_downsample(path)
-        if not (path / PIPELINE_INDEX).is_file():  # pragma: no cover - path_kind checked it
-            raise TerditError(f"{path}: no {PIPELINE_INDEX}")
-        path, kind = path / "transformer", path_kind(path / "transformer")
+    downsample = _pipeline_downsample(path) if kind_of(path) is Kind.PIPELINE else None
+    path, kind = model_dir(path)
     if kind == "run":
         from terdit.models.runs import latest_checkpoint, load_config, load_train_args
 
@@ -93,7 +88,7 @@ def _pipeline_downsample(path: Path) -> int | None:
 # -- parameters and storage ------------------------------------------------------------------------------------
 def layer_shapes(cfg: TerDiTConfig) -> tuple[dict[str, int], list[tuple[int, int]]]:
     """Parameter counts and the [out, in] shapes of the ternary layers, from a meta-device model."""
-    from terdit.loading.hub import META_INIT_THRESHOLD
+    from terdit.loading.open import META_INIT_THRESHOLD
     from terdit.models.terdit import TerDiT
 
     # meta-device init imports torch._dynamo (seconds); small models are quicker to build for real

@@ -1,9 +1,10 @@
-"""Open anything that can be sampled from (a training run, later a deploy folder) in one call."""
+"""What sampling needs of a model (the model, its VAE decoder, its class mapping), opened in one call."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -26,6 +27,14 @@ def vae_decoder(spec: str | None, device: torch.device) -> Callable[[torch.Tenso
     return load_vae(spec, device=device).decode
 
 
+class Sampleable(NamedTuple):
+    """What sampling needs of a model; unpacks as (model, decode, map_labels)."""
+
+    model: nn.Module
+    decode: Callable[[torch.Tensor], torch.Tensor] | None  # the VAE decoder; None for pixel-space models
+    map_labels: Callable[[Sequence[int]], list[int]]  # user-facing class ids -> the model's own indices
+
+
 def load_for_sampling(
     path: str | Path,
     ema: bool = True,
@@ -33,32 +42,31 @@ def load_for_sampling(
     dtype: str | None = None,
     vae: str | None = None,
     policy: str = "memory",
-) -> tuple[nn.Module, Callable | None, Callable[[Sequence[int]], list[int]]]:
+) -> Sampleable:
     """(model, decode, map_labels) for a run folder, a deploy / release / pretrained / pipeline folder or a
-    Hub id.
+    Hub id, opened by `open_model`.
 
     `decode` is the VAE decoder (`vae` overrides the one the run was trained with; None for pixel models);
     `map_labels` turns user-facing class ids into the model's own indices (released TerDiT checkpoints
     index classes in lexicographic order of "0".."999"; ours need no mapping).
     """
     from terdit.deploy.labels import map_labels
-    from terdit.models.terdit import TerDiT
+    from terdit.loading.kinds import Kind, is_hub_id, kind_of
+    from terdit.loading.open import open_model
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
-    path_s = str(path)
-    if Path(path_s).is_dir() and runlib.checkpoint_dirs(path_s):
-        model = runlib.load_run_model(runlib.require_run(path_s), ema=ema, device=str(dev)).to(dt)
-        decode = vae_decoder(vae, dev) if vae else run_decoder(path_s, dev)
+    if not Path(path).exists() and not is_hub_id(path, owner=True):
+        raise TerditError(f"run {path} does not exist")
+    model = open_model(path, ema=ema, device=dev, dtype=dt, policy=policy)
+    if kind_of(path) is Kind.RUN:
+        decode = vae_decoder(vae, dev) if vae else run_decoder(path, dev)
     else:
-        if not Path(path_s).exists() and (path_s.startswith((".", "/", "~")) or path_s.count("/") != 1):
-            raise TerditError(f"run {path_s} does not exist")
-        model = TerDiT.from_pretrained(path_s, ema=ema, device=dev, dtype=dt, policy=policy)
         decode = vae_decoder(vae, dev)
         if decode is None and model.config.in_channels == 4:
-            raise TerditError(f"{path_s}: a latent-space model; pass --vae (e.g. stabilityai/sd-vae-ft-ema)")
+            raise TerditError(f"{path}: a latent-space model; pass --vae (e.g. stabilityai/sd-vae-ft-ema)")
 
     def mapped(labels: Sequence[int]) -> list[int]:
         return map_labels(model, torch.as_tensor(list(labels), dtype=torch.long)).tolist()
 
-    return model, decode, mapped
+    return Sampleable(model, decode, mapped)

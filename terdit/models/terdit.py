@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,8 +22,8 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from terdit.loading.hub import TerDiTHubMixin
 from terdit.models.configs import TerDiTConfig, TerDiTFrozenConfig, get_config
+from terdit.models.labels import permute_labels
 from terdit.quant.bitnet import BitLinear
 from terdit.quant.layers import make_linear
 from terdit.quant.ternary import TernaryLinear
@@ -226,14 +228,36 @@ def _accepts_terdit_config(init):
     return wrapper
 
 
-class TerDiT(TerDiTHubMixin, ModelMixin, ConfigMixin):
+# -- opening and saving: hooks set by terdit.loading ------------------------------------------------------------
+# The model layer imports nothing above it, yet `TerDiT.from_pretrained` opens every terdit layout (run folders,
+# deploy and release directories, pipeline folders, Hub ids). terdit.loading (imported by the root package, so
+# before any terdit module runs) registers the functions that do so here; without them TerDiT is a plain
+# diffusers model.
+_HOOK_NAMES = ("from_pretrained", "save_pretrained", "push_to_hub")
+_HOOKS: dict[str, Callable[..., Any]] = {}
+
+
+def set_loading_hooks(**hooks: Callable[..., Any] | None) -> None:
+    """Register `from_pretrained(cls, path, **kw)`, `save_pretrained(model, directory, *a, **kw)` and
+    `push_to_hub(model, repo_id, **kw)`; None removes one (diffusers' own behaviour again)."""
+    unknown = sorted(set(hooks) - set(_HOOK_NAMES))
+    if unknown:
+        raise TypeError(f"set_loading_hooks: unknown hook(s) {', '.join(unknown)}")
+    for name, fn in hooks.items():
+        if fn is None:
+            _HOOKS.pop(name, None)
+        else:
+            _HOOKS[name] = fn
+
+
+class TerDiT(ModelMixin, ConfigMixin):
     """Class-conditional diffusion transformer; `linear="fp"` gives Large-DiT.
 
     A diffusers model (ModelMixin + ConfigMixin), shaped like diffusers' DiTTransformer2DModel: the config has
     `sample_size`, `in_channels`, `out_channels` (2 * in_channels when the variance is learned), forward takes
     `(hidden_states, timestep, class_labels)` and returns `.sample`, so diffusers' DiTPipeline drives it.
     `TerDiT(TerDiTConfig)` also works; `model.config` reads like the TerDiTConfig it was built from (`head_dim`,
-    `input_size`, `to_dict()`, ...). `from_pretrained` (terdit.loading.hub) opens every terdit layout.
+    `input_size`, `to_dict()`, ...). `from_pretrained` opens every terdit layout (through terdit.loading's hook).
     """
 
     _supports_gradient_checkpointing = True
@@ -296,6 +320,30 @@ class TerDiT(TerDiTHubMixin, ModelMixin, ConfigMixin):
         self.gradient_checkpointing = bool(value)
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> TerDiT:  # type: ignore[override]
+        """A TerDiT from any terdit layout or Hub id (terdit.loading.open.open_model: keywords and errors there);
+        diffusers' ModelMixin.from_pretrained when terdit.loading has not registered its hook."""
+        hook = _HOOKS.get("from_pretrained")
+        if hook is None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        return hook(cls, pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> None:
+        """diffusers' folder plus terdit's model card; a packed model writes a deploy directory
+        (terdit.loading.hub.save_pretrained)."""
+        hook = _HOOKS.get("save_pretrained")
+        if hook is None:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        return hook(self, save_directory, *args, **kwargs)
+
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> Any:
+        """save_pretrained into a temporary folder and upload it as one commit (terdit.loading.hub.push_to_hub)."""
+        hook = _HOOKS.get("push_to_hub")
+        if hook is None:
+            return super().push_to_hub(repo_id, *args, **kwargs)
+        return hook(self, repo_id, *args, **kwargs)
+
+    @classmethod
     def from_config_name(cls, name: str, **overrides) -> TerDiT:
         return cls(get_config(name, **overrides))
 
@@ -339,8 +387,6 @@ class TerDiT(TerDiTHubMixin, ModelMixin, ConfigMixin):
         perm = self.config.label_permutation
         if perm is None:
             return class_labels
-        from terdit.deploy.labels import permute_labels
-
         return permute_labels(perm, self.config.num_classes, class_labels)
 
     def forward(

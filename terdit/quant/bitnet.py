@@ -11,28 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from terdit.quant.ternary import ternarize
+from terdit.quant.ternary import _STE, ACT_LEVELS, quantize_activations, ternarize
 
-ACT_LEVELS = 127  # 8-bit signed absmax quantisation: [-127, 127] * scale
-
-
-class _STE(torch.autograd.Function):
-    """Forward: the quantised tensor; backward: identity to the float tensor."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return q
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return grad, None
-
-
-def quantize_activations(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-token absmax 8-bit fake quantisation with a straight-through gradient."""
-    scale = ACT_LEVELS / x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=eps)
-    q = (x.detach() * scale).round().clamp(-ACT_LEVELS, ACT_LEVELS) / scale
-    return _STE.apply(x, q)
+__all__ = ["ACT_LEVELS", "BitLinear", "bitnet_weight", "quantize_activations"]
 
 
 def bitnet_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,28 @@ from torch import nn
 EPS = 1e-6
 AlphaInit = Literal["absmean", "randn", "ones"]
 Granularity = Literal["tensor", "row"]
+ACT_LEVELS = 127  # 8-bit signed absmax quantisation: [-127, 127] * scale
+
+
+# BitNet's 8-bit activation quantizer lives here, not in bitnet.py, so that TernaryLinear(act_bits=8) and
+# BitLinear share it without the two modules importing each other.
+class _STE(torch.autograd.Function):
+    """Forward: the quantised tensor; backward: identity to the float tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return q
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
+
+
+def quantize_activations(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """Per-token absmax 8-bit fake quantisation with a straight-through gradient."""
+    scale = ACT_LEVELS / x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=eps)
+    q = (x.detach() * scale).round().clamp(-ACT_LEVELS, ACT_LEVELS) / scale
+    return _STE.apply(x, q)
 
 
 def absmean(weight: torch.Tensor, granularity: Granularity = "tensor") -> torch.Tensor:
@@ -116,8 +138,6 @@ class TernaryLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_bits is not None:
-            from terdit.quant.bitnet import quantize_activations  # here: bitnet imports this module
-
             x = quantize_activations(x)
         w = self.quantized_weight().to(x.dtype)
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))

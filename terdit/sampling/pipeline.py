@@ -53,9 +53,10 @@ from torch import nn
 
 from terdit.diffusion import GaussianDiffusion, guided_model_fn
 from terdit.errors import TerditError
+from terdit.loading.kinds import PIPELINE_INDEX
 from terdit.models.terdit import TerDiT
 
-MODEL_INDEX = "model_index.json"
+MODEL_INDEX = PIPELINE_INDEX  # model_index.json
 SCHEDULER_CONFIG = "scheduler_config.json"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 NUM_TRAIN_TIMESTEPS = 1000
@@ -399,14 +400,16 @@ class TerDiTPipeline(DiffusionPipeline):
         with all its keywords: torch_dtype, variant, ...), or any model TerDiT.from_pretrained opens (a run
         folder brings the VAE it was trained with). Components passed here replace the stored ones; `vae` and
         `scheduler` may also be names ("stabilityai/sd-vae-ft-ema"; "ddpm" / "ddim" / a diffusers class name)."""
-        from terdit.loading.hub import _dtype, _looks_local, hub_snapshot, path_kind
+        from terdit.loading.hub import hub_snapshot
+        from terdit.loading.kinds import Kind, is_hub_id, kind_of
+        from terdit.loading.open import as_dtype
 
-        dtype = _dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None))  # also "bf16"
+        dtype = as_dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None))  # also "bf16"
         if dtype is not None:  # diffusers >= 0.36 names it dtype (torch_dtype is deprecated), older ones torch_dtype
             kwargs[_pipeline_dtype_keyword()] = dtype
         name = str(pretrained_model_name_or_path)
         local = Path(name).expanduser()
-        if not local.exists() and not _looks_local(name):
+        if not local.exists() and is_hub_id(name):
             hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "force_download", "token") if k in kwargs}
             patterns = [MODEL_INDEX, "transformer/*", "vae/*", "scheduler/*", "config.json", "*.safetensors"]
             local = hub_snapshot(name, patterns, local_files_only=bool(kwargs.pop("local_files_only", False)),
@@ -422,8 +425,8 @@ class TerDiTPipeline(DiffusionPipeline):
             overrides["id2label"] = id2label
         # without accelerate diffusers falls back to a full init and warns; choose the fallback up front
         kwargs.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
-        kind = path_kind(local)
-        if kind == "pipeline":
+        kind = kind_of(local)
+        if kind is Kind.PIPELINE:
             kwargs.pop("local_files_only", None)
             pipe = DiffusionPipeline.from_pretrained.__func__(cls, str(local), local_files_only=True,
                                                               **overrides, **kwargs)

@@ -141,20 +141,21 @@ def _diffusers_class_name(config_file: Path | None) -> str | None:
 
 def _find_diffusers(name: str, subfolder: str | None) -> tuple[str, str | None] | None:
     """(class name, subfolder) when `name` is a diffusers transformer (local or Hub), else None."""
-    from terdit.loading import hub
+    from terdit.loading.hub import hub_file
+    from terdit.loading.kinds import CONFIG_FILE, TRANSFORMER, Kind, is_hub_id, kind_of
+    from terdit.loading.open import hub_model_subfolder
 
     local = Path(name).expanduser()
     if local.is_dir():
-        if subfolder is None and (local / hub.PIPELINE_INDEX).is_file() and (local / "transformer").is_dir():
-            subfolder = "transformer"
-        cls = _diffusers_class_name(local / (subfolder or "") / hub.CONFIG_FILE)
+        if subfolder is None and kind_of(local) is Kind.PIPELINE:
+            subfolder = TRANSFORMER
+        cls = _diffusers_class_name(local / (subfolder or "") / CONFIG_FILE)
         return (cls, subfolder) if cls else None
-    if local.exists() or hub._looks_local(name):
+    if local.exists() or not is_hub_id(name):
         return None  # terdit's loader gives the error
-    if subfolder is None and hub.hub_file(name, hub.PIPELINE_INDEX, required=False) is not None:
-        subfolder = "transformer"
+    subfolder = hub_model_subfolder(name, subfolder)
     prefix = f"{subfolder}/" if subfolder else ""
-    cls = _diffusers_class_name(hub.hub_file(name, prefix + hub.CONFIG_FILE, required=False))
+    cls = _diffusers_class_name(hub_file(name, prefix + CONFIG_FILE, required=False))
     return (cls, subfolder) if cls else None
 
 
