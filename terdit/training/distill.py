@@ -304,7 +304,7 @@ class Distiller(Trainer):
         self.teacher, self.spec = load_teacher(distill.teacher, distill.subfolder, self.device)
         if distill.adaln_norm:
             if not isinstance(self.spec, TerDiTConfig):
-                raise TerditError("--adaln-norm: only terdit teachers have the adaLN layout it extends")
+                raise TerditError("adaln_norm: only terdit teachers have the adaLN layout it extends")
             self.spec = dataclasses.replace(self.spec, adaln_norm=True)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -321,7 +321,7 @@ class Distiller(Trainer):
         c, h, _ = data.sample_shape
         spec = self.spec
         if (c, h) != (spec.in_channels, spec.input_size) or data.num_classes > spec.num_classes:
-            raise TerditError(f"--data gives {c}x{h}x{h} samples of {data.num_classes} classes; the teacher takes "
+            raise TerditError(f"data gives {c}x{h}x{h} samples of {data.num_classes} classes; the teacher takes "
                               f"{spec.in_channels}x{spec.input_size}x{spec.input_size} and {spec.num_classes}")
         return spec
 
@@ -346,7 +346,7 @@ class Distiller(Trainer):
 
     def _wrap(self, model: nn.Module, ema: nn.Module) -> tuple[nn.Module, nn.Module]:
         if self.dist.enabled and self.args.parallel == "fsdp" and not hasattr(model, "layers"):
-            raise TerditError("--parallel fsdp shards terdit's blocks; for a diffusers student use ddp")
+            raise TerditError("parallel fsdp shards terdit's blocks; for a diffusers student use ddp")
         return super()._wrap(model, ema)
 
     def _sample_grid(self, ema: nn.Module, path: Path, writer, step: int) -> None:

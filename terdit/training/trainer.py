@@ -399,7 +399,7 @@ class Trainer:
         a, d = self.args, self.dist
         world_micro = d.world_size * a.grad_accum
         if a.batch_size % world_micro:
-            raise TerditError(f"--batch-size {a.batch_size} is not divisible by processes x grad-accum = {world_micro}")
+            raise TerditError(f"batch_size {a.batch_size} is not divisible by processes x grad_accum = {world_micro}")
         micro = a.batch_size // world_micro
         check_batch_fits(cfg, micro, self.device, f"--batch-size {a.batch_size} (micro-batch {micro}; "
                                                   "--grad-accum splits it)", training=True)
@@ -431,7 +431,7 @@ class Trainer:
         torch.manual_seed(a.seed)
         model = self._build_model(cfg)
         if a.act_bits is not None and not set_act_bits(model, a.act_bits):
-            raise TerditError(f"--act-bits needs ternary layers (config linear={cfg.linear!r})")
+            raise TerditError(f"act_bits {a.act_bits} needs ternary layers (config linear={cfg.linear!r})")
         ckpt = runlib.latest_checkpoint(self.out) if a.resume else None
         if ckpt is not None:
             runlib.load_weights_into(model, ckpt / "model.safetensors")
@@ -610,7 +610,7 @@ class Trainer:
         own = model.state_dict()
         bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
         if bad:
-            raise TerditError(f"--init-from {src}: weights do not fit this model (e.g. {bad[0]})")
+            raise TerditError(f"init_from {src}: weights do not fit this model (e.g. {bad[0]})")
         model.load_state_dict(state, strict=True)
 
     def _tensorboard(self):
