@@ -25,8 +25,8 @@ def add_settings(parser: argparse.ArgumentParser, cls: type, *, exclude: Iterabl
     skip, keep, must = set(exclude), set(only) if only is not None else None, set(required)
     for f in dataclasses.fields(cls):
         md = f.metadata
-        if f.name in skip or (keep is not None and f.name not in keep) or not f.init or not md or not md["cli"]:
-            continue
+        if f.name in skip or (keep is not None and f.name not in keep) or not f.init or not md.get("cli"):
+            continue  # excluded, or not a setting() field, or cli=False
         default: Any = f.default
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
