@@ -35,7 +35,7 @@ class SampleArgs:
     policy: str = setting("memory", "packed models: unpack per call (memory), cache unpacked weights (speed), or CPU "
                           "integer compute with 8-bit activations, codes resident (int8) or packed (int8-packed)",
                           choices=POLICIES)
-    backend: str = setting("auto", "sampling loop: auto (cuda-graph on CUDA when it applies), eager, or cuda-graph",
+    backend: str = setting("auto", "sampling loop: auto (a CUDA graph on CUDA, else eager), eager or cuda-graph",
                            choices=BACKENDS)
     device: str | None = device_setting()
     dtype: str | None = dtype_setting()

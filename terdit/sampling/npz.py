@@ -39,7 +39,7 @@ SETTINGS_FILE = "settings.json"
 PART_GLOB = "batch-*.npz"
 _LABELS, _NOISE = 1, 2  # distinct seed spaces for the two random draws of a batch
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: equal samples give a byte-identical npz
-BACKENDS = ("auto", "eager", "cuda-graph")  # terdit.sampling.generate.generate(backend=...)
+BACKENDS = ("auto", "eager", "cuda-graph")  # H3 defines it in terdit.diffusion.sampler: take that one at merge
 
 
 @dataclass
@@ -65,7 +65,8 @@ class MassSampleArgs:
     dtype: str | None = dtype_setting()
     progress: bool = setting(True, "no progress bar")
     overwrite: bool = overwrite_setting("npz file")
-    backend: str = setting("auto", "sampling loop: auto (cuda-graph on CUDA when it applies), eager, or cuda-graph",
+    # not part of the samples' settings: every backend gives the same samples
+    backend: str = setting("auto", "sampling loop: auto (a CUDA graph on CUDA, else eager), eager or cuda-graph",
                            choices=BACKENDS)
 
 def num_batches(num_samples: int, batch_size: int) -> int:
