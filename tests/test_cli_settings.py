@@ -99,3 +99,13 @@ def test_no_library_module_imports_the_cli():
     offenders = [str(p.relative_to(root)) for p in library
                  if re.search(r"^\s*(from|import) terdit\.cli\b", p.read_text(), re.M)]
     assert offenders == []
+
+
+def test_reproduce_budget_flags_default_to_the_chosen_budget():
+    from terdit.cli.reproduce import settings_from_args
+    from terdit.experiments.reproduce import QUICK_BUDGET, Settings
+
+    assert settings_from_args(_parse_command(["reproduce"])) == Settings()
+    quick = settings_from_args(_parse_command(["reproduce", "--quick", "--steps", "40", "--variants", "bitnet",
+                                               "bitnet", "terdit"]))
+    assert quick == Settings(quick=True, **{**QUICK_BUDGET, "steps": 40}, variants=["bitnet", "terdit"])

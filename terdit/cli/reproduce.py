@@ -12,7 +12,9 @@ from terdit.experiments.reproduce import FULL_BUDGET, QUICK_BUDGET, Settings
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("reproduce", help="the paper's comparisons at small scale: train, evaluate, report")
-    add_settings(p, Settings)
+    fields = Settings.__dataclass_fields__
+    add_settings(p, Settings, helps={k: "; ".join(filter(None, [fields[k].metadata["help"], f"--quick: {v}"]))
+                                     for k, v in QUICK_BUDGET.items()})
     # a budget flag not given is None, then the --quick or the full budget's value (help shows the full one)
     p.set_defaults(func=cmd_reproduce, **dict.fromkeys(FULL_BUDGET))
 
