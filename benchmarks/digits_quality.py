@@ -59,9 +59,9 @@ def main() -> None:
     torch.manual_seed(0)
     clf = digits_classifier()
     work = Path(args.workdir)
-    variants = {"ternary": dict(ternary=True), "full-precision": dict(ternary=False)}
+    variants = {"ternary": dict(linear="ternary"), "full-precision": dict(linear="fp")}
     for init in args.alpha_inits:
-        variants[f"ternary-alpha-{init}"] = dict(ternary=True, alpha_init=init)
+        variants[f"ternary-alpha-{init}"] = dict(linear="ternary", alpha_init=init)
     results = {}
     for name, overrides in variants.items():
         run, seconds = train_or_reuse(work / name, args.steps, **overrides)

@@ -7,7 +7,9 @@ them into flags, so a default is written once, here in the library, not again in
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -69,6 +71,8 @@ def setting(
     type: Callable[[str], Any] | None = None,  # noqa: A002
     choices: Sequence[Any] | None = None,
     aliases: dict[str, Any] | None = None,
+    negative: tuple[str, str] | None = None,
+    positional: bool = False,
     cli: bool = True,
     default_factory: Callable[[], Any] | None = None,
     **argparse_kwargs: Any,
@@ -77,12 +81,68 @@ def setting(
 
     flags: the option strings (default `--field-name`; for a bool defaulting to True, `--no-field-name`);
     type/choices: how the CLI parses and checks the value; aliases: extra flags that store a constant
-    (e.g. {"--no-ternary": "fp"} on `linear`); cli=False: not a flag (set by code or config only);
-    argparse_kwargs: anything else argparse takes (nargs, metavar, required).
+    (e.g. {"--no-ternary": "fp"} on `linear`); negative: (flag, help) of the "off" flag of a three-state
+    bool (default None: `--name` sets True, the negative flag False, never both); positional: an argument
+    without dashes; cli=False: not a flag (set by code or config only); argparse_kwargs: anything else
+    argparse takes (nargs, metavar, required).
     """
     metadata = {"help": help, "flags": tuple(flags) if flags else None, "type": type,
                 "choices": tuple(choices) if choices is not None else None, "aliases": dict(aliases or {}),
-                "cli": cli, "argparse": argparse_kwargs}
+                "negative": negative, "positional": positional, "cli": cli, "argparse": argparse_kwargs}
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+# -- value parsers of settings fields (argparse `type=`): a bad value is a one-line usage error ----------------
+def _int_at_least(text: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1)
+
+
+def nonneg_int(text: str) -> int:
+    return _int_at_least(text, 0)
+
+
+def finite_float(text: str) -> float:
+    """A float that is a number: nan and inf would silently poison sampling or training."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+# -- fields many settings share, spelled once ----------------------------------------------------------------
+def device_setting(help: str = "cpu or cuda (default: cuda if present, else cpu)") -> Any:  # noqa: A002
+    """The `--device` field (None: `default_device()` when the command runs)."""
+    return setting(None, help)
+
+
+def dtype_setting(help: str = "compute dtype (default: bf16 on cuda, fp32 on cpu)",  # noqa: A002
+                  default: str | None = None) -> Any:
+    """A `--dtype` field naming one of DTYPES (None: `default_dtype(device)`)."""
+    return setting(default, help, flags=["--dtype"], choices=list(DTYPES))
+
+
+def overwrite_setting(what: str) -> Any:
+    """The `--overwrite` field: replace an existing `what` at --out, never anything else."""
+    return setting(False, f"replace an existing {what} at --out (never anything else; the replacement is atomic)")

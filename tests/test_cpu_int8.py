@@ -239,7 +239,7 @@ def test_act_bits_qat_layer_and_train_args():
     torch.testing.assert_close(x.grad, w.sum(0).expand_as(x))  # straight through the rounding
     with pytest.raises(ValueError):
         set_act_bits(layer, 4)
-    with pytest.raises(TerditError, match="--act-bits"):
+    with pytest.raises(TerditError, match="act_bits"):
         TrainArgs(act_bits=4).validate()
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from random_models import train_micro_run
 
+from terdit.cli import info as info_cli
 from terdit.deploy import export_model
 from terdit.errors import TerditError
 from terdit.loading import info
@@ -18,7 +19,7 @@ from terdit.models import TerDiT, get_config
 
 def run_info(capsys, *argv: str) -> str:
     parser = argparse.ArgumentParser()
-    info.register(parser.add_subparsers())
+    info_cli.register(parser.add_subparsers())
     args = parser.parse_args(["info", *argv])
     assert args.func(args) == 0
     return capsys.readouterr().out
@@ -115,11 +116,9 @@ def test_bad_paths_are_user_errors(tmp_path):
         info.describe(str(tmp_path))
 
 
-def test_terdit_info_through_the_cli(monkeypatch, capsys, tmp_path):
+def test_terdit_info_through_the_cli(capsys, tmp_path):
     from terdit import cli
 
-    if "terdit.loading.info" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "terdit.loading.info"])
     assert cli.main(["info", "TerDiT-Micro", "--batch-size", "2"]) == 0
     assert "batch 2 with guidance (4 rows)" in capsys.readouterr().out
     assert cli.main(["info", str(tmp_path / "nope")]) == 2

@@ -112,7 +112,7 @@ def test_resume_refuses_changed_settings_unless_overridden(run, tmp_path, capsys
     assert "--steps 1 is below the run's step 2" in capsys.readouterr().err
     assert tree(copy) == before
     assert main([*TRAIN, "--out", str(copy), "--resume", "--no-ternary", "--override"]) == 2
-    assert "the model differs from the run's (--ternary True -> False)" in capsys.readouterr().err
+    assert "the model differs from the run's (--linear 'ternary' -> 'fp')" in capsys.readouterr().err
     assert tree(copy) == before  # the weights fix the model: --override does not change it
     assert main([*TRAIN, "--out", str(copy), "--resume", "--lr", "0.001", "--override"]) == 0
     assert json.loads((copy / "train_args.json").read_text())["lr"] == 0.001

@@ -99,7 +99,6 @@ def _torchrun(tmp_path: Path, argv: list[str]) -> subprocess.CompletedProcess:
     launcher = tmp_path / "launch.py"
     launcher.write_text(
         "import sys\nfrom terdit import cli\n"
-        "if 'terdit.sampling.npz' not in cli.COMMAND_MODULES:\n    cli.COMMAND_MODULES.append('terdit.sampling.npz')\n"
         "sys.exit(cli.main(sys.argv[1:]))\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # "--" stops torchrun's own parser, which would take --run for an abbreviation of its --run-path
@@ -134,8 +133,6 @@ def test_parts_made_with_other_settings_are_refused(run, tmp_path):
 
 
 def test_cli_errors_are_one_line_exit_2(run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(cli, "COMMAND_MODULES", [*cli.COMMAND_MODULES, "terdit.sampling.npz"]
-                        if "terdit.sampling.npz" not in cli.COMMAND_MODULES else cli.COMMAND_MODULES)
     existing = tmp_path / "done.npz"
     existing.write_bytes(b"x")
     cases = [

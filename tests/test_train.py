@@ -89,3 +89,17 @@ def test_two_process_ddp_and_fsdp_on_cpu(tmp_path):
     for k in saved:
         assert torch.allclose(sharded[k], saved[k], atol=1e-5), k
     assert _losses(fsdp)[1] == pytest.approx(_losses(ddp)[1], rel=1e-5)
+
+
+def test_runs_that_spelled_the_linear_kind_ternary_bool_still_resume(tmp_path):
+    """train_args.json before `linear` was the one spelling: {"ternary": false, "linear": null}."""
+    run = tmp_path / "fp"
+    Trainer(TrainArgs(out=str(run), steps=1, linear="fp", **FAST)).run()
+    stored = json.loads((run / "train_args.json").read_text())
+    stored.update(ternary=False, linear=None)
+    (run / "train_args.json").write_text(json.dumps(stored))
+    Trainer(TrainArgs(out=str(run), steps=2, resume=True, linear="fp", **FAST)).run()
+    assert json.loads((run / "train_args.json").read_text())["linear"] == "fp"
+    assert "ternary" not in json.loads((run / "train_args.json").read_text())
+    with pytest.raises(TerditError, match="the model differs"):
+        Trainer(TrainArgs(out=str(run), steps=3, resume=True, linear="bitnet", **FAST))

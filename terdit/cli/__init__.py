@@ -1,6 +1,8 @@
-"""The `terdit` command. Each sub-command lives in the module that does its job and registers itself
-here through a `register(subparsers)` function; this file only wires them and maps errors to exit codes:
-0 success, 2 bad usage or input (one line on stderr), 1 anything unexpected (traceback with --debug)."""
+"""The `terdit` command. Each group of sub-commands is one module of this package with a `register(subparsers)`
+function; its flags are generated (terdit.cli.args.add_settings) from the command's settings dataclass, where
+the defaults live. This file only wires them and maps errors to exit codes: 0 success, 2 bad usage or input
+(one line on stderr: library errors speak of arguments, `terdit CMD: error: ...`), 1 anything unexpected
+(traceback with --debug)."""
 
 from __future__ import annotations
 
@@ -13,17 +15,17 @@ import traceback
 
 from terdit.errors import TerditError
 
-# Modules that define `register(subparsers)`; each adds one or more sub-commands.
+# The modules of this package that define `register(subparsers)`; each adds one or more sub-commands.
 COMMAND_MODULES = [
-    "terdit.cli.commands",
-    "terdit.cli.evaluate",
-    "terdit.cli.data",
-    "terdit.sampling.npz",
-    "terdit.loading.info",
-    "terdit.cli.deploy",
-    "terdit.experiments.analysis",
-    "terdit.experiments.reproduce",
-    "terdit.training.distill",
+    "terdit.cli.info",  # configs, info
+    "terdit.cli.train",
+    "terdit.cli.sample",  # sample, sample-npz
+    "terdit.cli.evaluate",  # evaluate, make-reference
+    "terdit.cli.data",  # extract-latents
+    "terdit.cli.deploy",  # export, convert, quantize, bench
+    "terdit.cli.analysis",  # analyze
+    "terdit.cli.reproduce",
+    "terdit.cli.distill",
 ]
 
 

@@ -1,90 +1,61 @@
-"""Argument types and flag groups shared by every sub-command (one vocabulary, one validator)."""
+"""Flags generated from settings dataclasses (fields made with `terdit.defaults.setting`): the default and the
+help text live in the dataclass, the CLI reads them from there, so a default is written once."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from terdit.defaults import DTYPES
+from terdit.defaults import finite_float, nonneg_float, nonneg_int, positive_int
+
+__all__ = ["add_settings", "finite_float", "nonneg_float", "nonneg_int", "positive_int", "settings_from"]
 
 T = TypeVar("T")
 
 
-def _int_at_least(text: str, low: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def nonneg_int(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def finite_float(text: str) -> float:
-    """A float that is a number: nan and inf would silently poison sampling or training."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    value = finite_float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
-
-
-def add_overwrite_arg(p: argparse.ArgumentParser, what: str) -> None:
-    p.add_argument("--overwrite", action="store_true",
-                   help=f"replace an existing {what} at --out (never anything else; the replacement is atomic)")
-
-
-def add_device_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present, else cpu)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="compute dtype (default: bf16 on cuda, fp32 on cpu)")
-
-
-# -- flags generated from a settings dataclass (fields made with terdit.defaults.setting) -------------------
 def add_settings(parser: argparse.ArgumentParser, cls: type, *, exclude: Iterable[str] = (),
-                 group: str | None = None) -> None:
+                 only: Iterable[str] | None = None, group: str | None = None,
+                 helps: dict[str, str] | None = None, required: Iterable[str] = ()) -> None:
     """One flag per `setting()` field of dataclass `cls` (defaults and help text from the field, so a default
-    lives in one place); `exclude`: fields a command sets itself."""
+    lives in one place). exclude / only: which fields get a flag; helps: help text that differs for this
+    command; required: fields this command makes required."""
     target: Any = parser.add_argument_group(group) if group else parser
-    skip = set(exclude)
+    skip, keep, must = set(exclude), set(only) if only is not None else None, set(required)
     for f in dataclasses.fields(cls):
         md = f.metadata
-        if f.name in skip or not f.init or not md or not md.get("cli", True):
-            continue
+        if f.name in skip or (keep is not None and f.name not in keep) or not f.init or not md.get("cli"):
+            continue  # excluded, or not a setting() field, or cli=False
         default: Any = f.default
         if f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()
-        required = default is dataclasses.MISSING
-        flags, kwargs = _flag_spec(f.name, default, md)
-        if md["aliases"]:
-            for alias, const in md["aliases"].items():
-                target.add_argument(alias, dest=f.name, action="store_const", const=const,
-                                    default=argparse.SUPPRESS, help=f"same as {flags[0]} {const}")
+        if f.name in must:
+            default = dataclasses.MISSING
+        md = {**md, "help": (helps or {}).get(f.name, md["help"])}
+        _add_field(target, f.name, default, md)
+
+
+def _add_field(target: Any, name: str, default: Any, md: dict[str, Any]) -> None:
+    flags, kwargs = _flag_spec(name, default, md)
+    if md["positional"]:
+        kwargs.pop("default", None)
+        target.add_argument(name, **kwargs)
+        return
+    if md["negative"]:  # three-state bool: --name (True), the negative flag (False), neither (None)
+        both = target.add_mutually_exclusive_group()
+        off, off_help = md["negative"]
+        both.add_argument(off, dest=name, action="store_false", default=default, help=off_help)
+        both.add_argument(*flags, dest=name, action="store_true", default=default, help=md["help"])
+        return
+    for alias, const in md["aliases"].items():
+        target.add_argument(alias, dest=name, action="store_const", const=const, default=argparse.SUPPRESS,
+                            help=f"same as {flags[0]} {const}")
+    if default is dataclasses.MISSING:
+        kwargs.setdefault("required", True)
+    else:
         kwargs.setdefault("default", default)
-        if required:
-            kwargs.pop("default")
-            kwargs.setdefault("required", True)
-        target.add_argument(*flags, dest=f.name, **kwargs)
+    target.add_argument(*flags, dest=name, **kwargs)
 
 
 def _flag_spec(name: str, default: Any, md: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:

@@ -6,27 +6,53 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 
-from terdit.cli.args import nonneg_int, positive_int
-from terdit.defaults import DTYPES
+from terdit.cli.args import add_settings, settings_from
+from terdit.defaults import device_setting, dtype_setting, nonneg_int, parse_dtype, positive_int, setting
 from terdit.errors import TerditError
+
+
+@dataclass
+class ExtractArgs:
+    """Everything `terdit extract-latents` takes (terdit.data.latents.extract_latents)."""
+
+    data: str = setting(help="image folder, one sub-folder per class", positional=True)
+    vae: str = setting(help="hub id (stabilityai/sd-vae-ft-ema, ...-mse; 'ema'/'mse' for short) or a local diffusers "
+                       "directory")
+    out: str = setting(help="latent directory to write (or to continue)")
+    resolution: int = setting(256, "image side after ADM center crop", type=positive_int)
+    flip: bool = setting(False, "also store latents of the mirrored images")
+    vae_mode: str = setting("mean", "store the posterior mean, one seeded sample, or mean+std (samples then drawn "
+                            "while training)", choices=["mean", "sample", "moments"])
+    seed: int = setting(0, "seed for --vae-mode sample", type=int)
+    batch_size: int = setting(32, "images per VAE call (per process)", type=positive_int)
+    shard_size: int = setting(4096, "images per shard file", type=positive_int)
+    num_workers: int = setting(4, "image decoding processes (per process)", type=nonneg_int)
+    strict: bool = setting(False, "fail on any unreadable file or empty class")
+    class_map: str | None = setting(None, "JSON {folder_name: class_index} instead of sorted folder order")
+    store_dtype: str = setting("fp16", "dtype of stored latents", choices=["fp16", "fp32"])
+    device: str | None = device_setting("cpu or cuda (default: cuda:LOCAL_RANK if present, else cpu)")
+    dtype: str = dtype_setting("VAE compute dtype", default="fp32")
+    max_shards: int | None = setting(None, "stop after this many new shards per process", type=positive_int)
+    progress: bool = setting(True, "no progress bar")
 
 
 def _extract(args: argparse.Namespace) -> int:
     from terdit.data.latents import extract_latents
 
+    a = settings_from(ExtractArgs, args)
     manifest = extract_latents(
-        args.data, args.out, vae=args.vae, resolution=args.resolution, flip=args.flip, vae_mode=args.vae_mode,
-        seed=args.seed, batch_size=args.batch_size, shard_size=args.shard_size, num_workers=args.num_workers,
-        strict=args.strict, class_map=args.class_map, store_dtype=args.store_dtype, device=args.device,
-        dtype=DTYPES[args.dtype], max_shards=args.max_shards, progress=not args.no_progress,
+        a.data, a.out, vae=a.vae, resolution=a.resolution, flip=a.flip, vae_mode=a.vae_mode, seed=a.seed,
+        batch_size=a.batch_size, shard_size=a.shard_size, num_workers=a.num_workers, strict=a.strict,
+        class_map=a.class_map, store_dtype=a.store_dtype, device=a.device, dtype=parse_dtype(a.dtype, "dtype"),
+        max_shards=a.max_shards, progress=a.progress,
     )
     if int(os.environ.get("RANK", "0")) == 0:
         if manifest is None:
-            print(f"{args.out}: stopped after --max-shards {args.max_shards}; "
-                  "rerun the same command to continue")
+            print(f"{a.out}: stopped after --max-shards {a.max_shards}; rerun the same command to continue")
         else:
-            print(f"{args.out}: {manifest['num_items']} latents {tuple(manifest['latent_shape'])} in "
+            print(f"{a.out}: {manifest['num_items']} latents {tuple(manifest['latent_shape'])} in "
                   f"{len(manifest['shards'])} shard(s), {manifest['num_classes']} classes, "
                   f"{manifest['num_skipped']} file(s) skipped")
     return 0
@@ -39,27 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Encode root/<class>/*.jpg|png|... through a VAE into sharded, memory-mappable latents. "
                     "Resumable (rerun to continue); under torchrun each process takes its share of shards.",
     )
-    p.add_argument("data", help="image folder, one sub-folder per class")
-    p.add_argument("--vae", required=True,
-                   help="hub id (stabilityai/sd-vae-ft-ema, ...-mse; 'ema'/'mse' for short) "
-                        "or a local diffusers directory")
-    p.add_argument("--out", required=True, help="latent directory to write (or to continue)")
-    p.add_argument("--resolution", type=positive_int, default=256, help="image side after ADM center crop")
-    p.add_argument("--flip", action="store_true", help="also store latents of the mirrored images")
-    p.add_argument("--vae-mode", choices=["mean", "sample", "moments"], default="mean",
-                   help="store the posterior mean, one seeded sample, "
-                        "or mean+std (samples then drawn while training)")
-    p.add_argument("--seed", type=int, default=0, help="seed for --vae-mode sample")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="images per VAE call (per process)")
-    p.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
-    p.add_argument("--num-workers", type=nonneg_int, default=4, help="image decoding processes (per process)")
-    p.add_argument("--strict", action="store_true", help="fail on any unreadable file or empty class")
-    p.add_argument("--class-map", help="JSON {folder_name: class_index} instead of sorted folder order")
-    p.add_argument("--store-dtype", choices=["fp16", "fp32"], default="fp16", help="dtype of stored latents")
-    p.add_argument("--device", help="cpu or cuda (default: cuda:LOCAL_RANK if present, else cpu)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="VAE compute dtype")
-    p.add_argument("--max-shards", type=positive_int, help="stop after this many new shards per process")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_settings(p, ExtractArgs)
     p.set_defaults(func=_extract)
 
 

@@ -1,32 +1,90 @@
-"""Deployment sub-commands: export, convert, quantize, bench. Registered by terdit.cli."""
+"""Deployment sub-commands: export, convert, quantize, bench; each one's flags come from its settings dataclass."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 
-from terdit.cli.args import add_overwrite_arg
-from terdit.defaults import DTYPES, default_device
+from terdit.cli.args import add_settings, settings_from
+from terdit.defaults import default_device, device_setting, dtype_setting, overwrite_setting, setting
 from terdit.deploy.packed_linear import POLICIES
 from terdit.quant.packing import FORMATS
 from terdit.quant.ptq import GRANULARITIES, METHODS
 
 
+@dataclass(kw_only=True)
+class ExportArgs:
+    """Everything `terdit export` takes (terdit.deploy.export.export_run)."""
+
+    run: str = setting(help="training run folder", positional=True)
+    format: str = setting("2bit", choices=FORMATS)
+    out: str = setting(help="deploy directory to write")
+    dtype: str = dtype_setting("storage dtype of the float tensors", default="fp32")
+    ema: bool = setting(True, "pack the raw weights instead of the EMA")
+    overwrite: bool = overwrite_setting("deploy directory")
+    int8: bool = setting(False, "store the large full-precision matrices (embedders, final adaLN) as int8 rows with "
+                         "per-row scales: lossy (<= half a step per weight), about 5 MiB smaller for 600M")
+
+
+@dataclass
+class ConvertArgs:
+    """Everything `terdit convert` takes (terdit.deploy.convert.convert_release)."""
+
+    src: str = setting(help="release folder with model_args.pth and consolidated*.pth", positional=True)
+    out: str = setting()
+    format: str | None = setting(None, "default: 2bit for TerDiT (bytes kept as released), fp for Large-DiT",
+                                 choices=[*FORMATS, "fp"])
+    dtype: str | None = dtype_setting("default: the release's own")
+    overwrite: bool = overwrite_setting("deploy directory")
+
+
+@dataclass(kw_only=True)
+class QuantizeArgs:
+    """Everything `terdit quantize` takes (terdit.deploy.quantize.quantize_run)."""
+
+    run: str = setting(help="full-precision run folder (or a Large-DiT release / fp deploy directory)",
+                       positional=True)
+    method: str = setting("ternary", choices=METHODS)
+    granularity: str = setting("tensor", choices=GRANULARITIES)
+    out: str = setting(help="run folder to write")
+    ema: bool = setting(True)
+    overwrite: bool = overwrite_setting("quantized run folder")
+
+
+@dataclass
+class BenchArgs:
+    """Everything `terdit bench` takes (terdit.deploy.bench.run_bench)."""
+
+    config: str = setting("TerDiT-600M")
+    format: list[str] = setting(help="", choices=FORMATS, nargs="+", default_factory=lambda: ["2bit"])
+    policy: list[str] = setting(help="", choices=POLICIES, nargs="+", default_factory=lambda: ["memory", "speed"])
+    device: str | None = device_setting("cpu | cuda (default: cuda if present)")
+    dtype: str = dtype_setting("compute dtype", default="fp32")
+    batch_size: int = setting(2, "images per step; CFG doubles the forward rows", type=int)
+    repeats: int = setting(3, "timed steps after one warm-up (median reported)", type=int)
+    skip_fp: bool = setting(False, "do not build/measure the full-precision model")
+    workdir: str | None = setting(None, "keep the generated checkpoints here")
+    seed: int = setting(0, type=int)
+    json: bool = setting(False)
+
+
 def _export(args: argparse.Namespace) -> int:
     from terdit.deploy.export import export_run
 
-    out = export_run(args.run, args.out, args.format, args.dtype, ema=not args.no_ema, int8=args.int8,
-                     overwrite=args.overwrite)
-    extra = ", large matrices in int8 rows" if args.int8 else ""
-    print(f"wrote {out} ({args.format}, float tensors in {args.dtype}{extra})")
+    a = settings_from(ExportArgs, args)
+    out = export_run(a.run, a.out, a.format, a.dtype, ema=a.ema, int8=a.int8, overwrite=a.overwrite)
+    extra = ", large matrices in int8 rows" if a.int8 else ""
+    print(f"wrote {out} ({a.format}, float tensors in {a.dtype}{extra})")
     return 0
 
 
 def _convert(args: argparse.Namespace) -> int:
     from terdit.deploy.convert import convert_release
 
-    out = convert_release(args.src, args.out, args.format, args.dtype, overwrite=args.overwrite)
+    a = settings_from(ConvertArgs, args)
+    out = convert_release(a.src, a.out, a.format, a.dtype, overwrite=a.overwrite)
     print(f"wrote {out}")
     return 0
 
@@ -34,89 +92,37 @@ def _convert(args: argparse.Namespace) -> int:
 def _quantize(args: argparse.Namespace) -> int:
     from terdit.deploy.quantize import quantize_run
 
-    out = quantize_run(args.run, args.out, args.method, args.granularity, ema=not args.no_ema,
-                       overwrite=args.overwrite)
-    print(f"wrote {out} ({args.method}, per {args.granularity})")
+    a = settings_from(QuantizeArgs, args)
+    out = quantize_run(a.run, a.out, a.method, a.granularity, ema=a.ema, overwrite=a.overwrite)
+    print(f"wrote {out} ({a.method}, per {a.granularity})")
     return 0
 
 
 def _bench(args: argparse.Namespace) -> int:
     from terdit.deploy.bench import format_table, run_bench
 
-    log = (lambda m: print(m, file=sys.stderr)) if args.json else print
-    result = run_bench(
-        args.config,
-        args.format,
-        args.policy,
-        args.device,
-        args.dtype,
-        args.batch_size,
-        args.repeats,
-        args.skip_fp,
-        args.workdir,
-        args.seed,
-        log=log,
-    )
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
+    a = settings_from(BenchArgs, args)
+    log = (lambda m: print(m, file=sys.stderr)) if a.json else print
+    result = run_bench(a.config, a.format, a.policy, a.device or default_device(), a.dtype, a.batch_size,
+                       a.repeats, a.skip_fp, a.workdir, a.seed, log=log)
+    print(json.dumps(result, indent=2) if a.json else format_table(result))
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="pack a ternary run into a deploy directory")
-    p.add_argument("run", help="training run folder")
-    p.add_argument("--format", choices=FORMATS, default="2bit")
-    p.add_argument("--out", required=True, help="deploy directory to write")
-    p.add_argument(
-        "--dtype", choices=list(DTYPES), default="fp32", help="storage dtype of the float tensors"
-    )
-    p.add_argument("--no-ema", action="store_true", help="pack the raw weights instead of the EMA")
-    add_overwrite_arg(p, "deploy directory")
-    p.add_argument(
-        "--int8",
-        action="store_true",
-        help="store the large full-precision matrices (embedders, final adaLN) as int8 rows with per-row "
-        "scales: lossy (<= half a step per weight), about 5 MiB smaller for 600M",
-    )
+    add_settings(p, ExportArgs)
     p.set_defaults(func=_export)
 
     p = subparsers.add_parser("convert", help="public TerDiT / Large-DiT checkpoint -> deploy directory")
-    p.add_argument("src", help="release folder with model_args.pth and consolidated*.pth")
-    p.add_argument("--out", required=True)
-    p.add_argument(
-        "--format",
-        choices=[*FORMATS, "fp"],
-        default=None,
-        help="default: 2bit for TerDiT (bytes kept as released), fp for Large-DiT",
-    )
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the release's own")
-    add_overwrite_arg(p, "deploy directory")
+    add_settings(p, ConvertArgs)
     p.set_defaults(func=_convert)
 
     p = subparsers.add_parser("quantize", help="post-training quantization of a full-precision model")
-    p.add_argument("run", help="full-precision run folder (or a Large-DiT release / fp deploy directory)")
-    p.add_argument("--method", choices=METHODS, default="ternary")
-    p.add_argument("--granularity", choices=GRANULARITIES, default="tensor")
-    p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--no-ema", action="store_true")
-    add_overwrite_arg(p, "quantized run folder")
+    add_settings(p, QuantizeArgs)
     p.set_defaults(func=_quantize)
 
     p = subparsers.add_parser("bench", help="deployment efficiency: full precision vs packed ternary")
-    p.add_argument("--config", default="TerDiT-600M")
-    p.add_argument("--format", nargs="+", choices=FORMATS, default=["2bit"])
-    p.add_argument("--policy", nargs="+", choices=POLICIES, default=["memory", "speed"])
-    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda if present)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="compute dtype")
-    p.add_argument("--batch-size", type=int, default=2, help="images per step; CFG doubles the forward rows")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after one warm-up (median reported)")
-    p.add_argument("--skip-fp", action="store_true", help="do not build/measure the full-precision model")
-    p.add_argument("--workdir", default=None, help="keep the generated checkpoints here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=lambda a: _bench(_with_device(a)))
+    add_settings(p, BenchArgs)
+    p.set_defaults(func=_bench)
 
-
-def _with_device(args: argparse.Namespace) -> argparse.Namespace:
-    if args.device is None:
-        args.device = default_device()
-    return args

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from terdit.defaults import default_device
+from terdit.cli.args import add_settings
+from terdit.defaults import resolve_device, setting
 from terdit.errors import TerditError
 from terdit.eval.inception import WEIGHTS_ENV, WEIGHTS_HELP
 from terdit.eval.reference import (
@@ -23,12 +25,35 @@ from terdit.eval.reference import (
 FEATURES = ("inception", "digits")
 
 
-def _make_extractor(args: argparse.Namespace):
-    import torch
+@dataclass
+class EvaluateArgs:
+    """Everything `terdit evaluate` takes."""
 
-    device = args.device or default_device()
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TerditError("--device cuda: no CUDA device is available")
+    ref: str = setting(help="reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)", positional=True,
+                       metavar="REF.npz")
+    samples: str = setting(help="sample batch (`terdit sample --out X.npz`)", positional=True, metavar="SAMPLES.npz")
+    features: str = setting("inception", "inception (RGB images, ADM-comparable) or digits (8x8 one-channel digits "
+                            "runs)", choices=FEATURES)
+    inception_weights: str | None = setting(None, f"{WEIGHTS_HELP}; default: ${WEIGHTS_ENV}", metavar="PATH")
+    batch_size: int = setting(64, "images per forward pass (ADM: 64)", type=int)
+    device: str | None = setting(None, "default: cuda if present, else cpu", choices=("cpu", "cuda"))
+    json: bool = setting(False, "print the results as JSON")
+    progress: bool = setting(True, "no progress bars")
+
+
+@dataclass
+class MakeReferenceArgs:
+    """Everything `terdit make-reference` takes."""
+
+    src: str = setting(help="image folder, .npz file, or 'digits'", positional=True, metavar="SRC")
+    out: str = setting(help="output npz", metavar="REF.npz")
+    resolution: int | None = setting(None, "output side length in pixels", type=int)
+    channels: int = setting(3, "for image folders: 1 = grayscale", type=int, choices=(1, 3))
+    limit: int | None = setting(None, "keep only the first N images", type=int)
+
+
+def _make_extractor(args: argparse.Namespace):
+    device = str(resolve_device(args.device))
     if args.features == "digits":
         from terdit.eval.digits import DigitsExtractor
 
@@ -45,7 +70,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise TerditError(f"--batch-size must be at least 1, got {args.batch_size}")
     ref, samples = load_batch(args.ref), load_batch(args.samples)
     extractor = _make_extractor(args)
-    result = evaluate(ref, samples, extractor, batch_size=args.batch_size, progress=not args.no_progress)
+    result = evaluate(ref, samples, extractor, batch_size=args.batch_size, progress=args.progress)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -80,32 +105,18 @@ def run_make_reference(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `evaluate` and `make-reference` to the `terdit` command."""
     p = subparsers.add_parser(
         "evaluate", help="FID, sFID, IS, precision and recall of a sample batch (ADM's evaluator)",
         description="Compute ADM's five numbers for SAMPLES.npz against REF.npz (both with arr_0 uint8 NHWC; "
                     "stored mu/sigma statistics in REF are used for FID/sFID as ADM does).")
-    p.add_argument("ref", metavar="REF.npz", help="reference batch (e.g. VIRTUAL_imagenet256_labeled.npz)")
-    p.add_argument("samples", metavar="SAMPLES.npz", help="sample batch (`terdit sample --out X.npz`)")
-    p.add_argument("--features", choices=FEATURES, default="inception",
-                   help="inception (RGB images, ADM-comparable) or digits (8x8 one-channel digits runs)")
-    p.add_argument("--inception-weights", metavar="PATH", default=None,
-                   help=f"{WEIGHTS_HELP}; default: ${WEIGHTS_ENV}")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (ADM: 64)")
-    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda if present, else cpu")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_settings(p, EvaluateArgs)
     p.set_defaults(func=run_evaluate)
 
     m = subparsers.add_parser(
         "make-reference", help="write an ADM-format reference batch (arr_0 uint8 NHWC) from images",
         description="SRC is an image folder (center-cropped to --resolution like ADM/DiT's loader), an npz "
                     "with arr_0 (resized when --resolution differs), or 'digits' (the embedded 8x8 digits).")
-    m.add_argument("src", metavar="SRC", help="image folder, .npz file, or 'digits'")
-    m.add_argument("--out", required=True, metavar="REF.npz", help="output npz")
-    m.add_argument("--resolution", type=int, default=None, help="output side length in pixels")
-    m.add_argument("--channels", type=int, choices=(1, 3), default=3, help="for image folders: 1 = grayscale")
-    m.add_argument("--limit", type=int, default=None, help="keep only the first N images")
+    add_settings(m, MakeReferenceArgs)
     m.set_defaults(func=run_make_reference)

@@ -8,9 +8,9 @@ for trained models with and without the RMSNorm.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ def adaln_scale_distribution(run: str | Path, block: int = 1, seed: int = 0, num
     model = load_run_model(run)
     cfg = model.config
     if not 0 <= block < cfg.depth:
-        raise TerditError(f"--block {block} is outside [0, {cfg.depth})")
+        raise TerditError(f"block {block} is outside [0, {cfg.depth})")
     gen = torch.Generator().manual_seed(seed)
     labels = torch.arange(num) % cfg.num_classes
     d = GaussianDiffusion.create(250)
@@ -90,37 +90,16 @@ def _boxplot(groups: dict[str, torch.Tensor], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="the paper's activation analyses (Fig. 4; Fig. 9 with --runs)")
-    p.add_argument("--out", default="analysis", help="folder for PNG plots and JSON numbers")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha-init", choices=["randn", "absmean", "ones"], default="randn",
-                   help="alpha of the Fig. 4 ternary layer (randn: the public code)")
-    p.add_argument("--runs", nargs="*", default=[], metavar="NAME=RUN",
-                   help="trained runs for Fig. 9, e.g. with-norm=runs/a without-norm=runs/b")
-    p.add_argument("--block", type=int, default=1, help="block for Fig. 9 (0-based; the paper's second = 1)")
-    p.set_defaults(func=cmd_analyze)
-
-
-def cmd_analyze(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    acts = fig4_activations(seed=args.seed, alpha_init=args.alpha_init)
-    report = {"fig4": {k: _summary(v) for k, v in acts.items()}}
+def analyze(out: str | Path, seed: int = 0, alpha_init: str = "randn", runs: dict[str, str | Path] | None = None,
+            block: int = 1) -> dict[str, Any]:
+    """Fig. 4 (and Fig. 9 for `runs`, {name: run folder}): plots and analysis.json in `out`; the numbers."""
+    out = Path(out)
+    acts = fig4_activations(seed=seed, alpha_init=alpha_init)
+    report: dict[str, Any] = {"fig4": {k: _summary(v) for k, v in acts.items()}}
     _boxplot(acts, "Fig. 4: linear 1024->9216 on ones", out / "fig4_activations.png")
-    if args.runs:
-        groups = {}
-        for item in args.runs:
-            name, sep, run = item.partition("=")
-            if not sep:
-                raise TerditError(f"--runs {item!r}: expected NAME=RUN")
-            groups[name] = adaln_scale_distribution(run, block=args.block, seed=args.seed)
+    if runs:
+        groups = {name: adaln_scale_distribution(run, block=block, seed=seed) for name, run in runs.items()}
         report["fig9"] = {k: _summary(v) for k, v in groups.items()}
-        _boxplot(groups, f"Fig. 9: adaLN scale_mlp, block {args.block}, first step", out / "fig9_adaln_scale.png")
+        _boxplot(groups, f"Fig. 9: adaLN scale_mlp, block {block}, first step", out / "fig9_adaln_scale.png")
     atomic_write_text(out / "analysis.json", json.dumps(report, indent=2) + "\n")
-    f4 = report["fig4"]
-    print(f"Fig. 4 |activation| max: ternary {f4['ternary']['abs_max']:.3g}, ternary+RMSNorm "
-          f"{f4['ternary_rmsnorm']['abs_max']:.3g}, full precision {f4['full_precision']['abs_max']:.3g}")
-    for name, s in report.get("fig9", {}).items():
-        print(f"Fig. 9 {name}: scale_mlp in [{s['min']:.3g}, {s['max']:.3g}], std {s['std']:.3g}")
-    print(f"wrote {out}/analysis.json and plots")
-    return 0
+    return report

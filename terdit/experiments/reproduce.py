@@ -17,7 +17,6 @@ them), evaluation.py (the measurements), claims.py, plots.py and report.py (repo
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -31,16 +30,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from terdit.cli.args import positive_int
 from terdit.defaults import default_device
 from terdit.experiments.claims import judge_claims
-from terdit.experiments.claims import verdict as _verdict
 from terdit.experiments.evaluation import Evaluator, metric_mode
 from terdit.experiments.losses import SMOOTHING, final_loss, read_loss_log, smooth, training_seconds
 from terdit.experiments.plots import write_plots
 from terdit.experiments.report import render_report
 from terdit.experiments.runner import RUN_SIGNATURE, evaluate_variant, train_variants
-from terdit.experiments.variants import FP, FULL_BUDGET, QUICK_BUDGET, VARIANTS, Settings, Variant, train_args_for
+from terdit.experiments.variants import FP, VARIANTS, Settings, Variant, train_args_for
 from terdit.io import atomic_write_text
 from terdit.models import runs as runlib
 
@@ -153,51 +150,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return _jsonable(x.item())
     return x
-
-
-# -- CLI ---------------------------------------------------------------------------------------------------------------
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reproduce", help="the paper's comparisons at small scale: train, evaluate, report")
-    p.add_argument("--out", default="reproduce", help="report folder (runs, evaluations, report.md)")
-    p.add_argument("--quick", action="store_true",
-                   help=f"CI budget: {', '.join(f'{k}={v}' for k, v in QUICK_BUDGET.items())}")
-    p.add_argument("--config", default="TerDiT-Digits", help="model config (see `terdit configs`)")
-    p.add_argument("--data", default=None, help="training data (default: the embedded digits)")
-    p.add_argument("--steps", type=positive_int, default=None, help=f"default {FULL_BUDGET['steps']}")
-    p.add_argument("--batch-size", type=positive_int, default=None, help=f"default {FULL_BUDGET['batch_size']}")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME",
-                   help=f"which rows to produce (default all): {', '.join(VARIANTS)}")
-    p.add_argument("--num-samples", type=positive_int, default=None,
-                   help=f"samples per evaluation (default {FULL_BUDGET['num_samples']})")
-    p.add_argument("--sample-steps", type=positive_int, default=None,
-                   help=f"DDPM sampling steps (default {FULL_BUDGET['sample_steps']})")
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.5, 4.0],
-                   help="guidance scales: the first at every checkpoint and for the claims, all at the last")
-    p.add_argument("--eval-every", type=positive_int, default=None,
-                   help=f"checkpoint and evaluate every N steps (default {FULL_BUDGET['eval_every']})")
-    p.add_argument("--lr-drop-fraction", type=float, default=0.75, help="where terdit-lr-drop drops its LR")
-    p.add_argument("--metrics", choices=["auto", "digits", "loss"], default="auto",
-                   help="auto: digits features for digits data, eval loss otherwise")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.set_defaults(func=cmd_reproduce)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
-    pick = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in budget.items()}
-    return Settings(out=args.out, quick=args.quick, config=args.config, data=args.data, seed=args.seed,
-                    variants=list(dict.fromkeys(args.variants)), cfg=list(args.cfg),
-                    lr_drop_fraction=args.lr_drop_fraction, metrics=args.metrics, device=args.device,
-                    progress=args.progress, **pick)
-
-
-def cmd_reproduce(args: argparse.Namespace) -> int:
-    results = reproduce(settings_from_args(args))
-    for c in results["claims"]:
-        print(f"({c['id']}) {_verdict(c['held'])}: {c['claim']}")
-    print(f"wrote {Path(args.out) / 'report.md'} and results.json in {results['wall_s']:.0f} s")
-    return 0

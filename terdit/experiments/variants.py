@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from terdit.defaults import device_setting, positive_int, setting
 from terdit.errors import TerditError
 
 
@@ -51,24 +52,28 @@ QUICK_BUDGET = dict(steps=30, batch_size=32, eval_every=15, num_samples=100, sam
 class Settings:
     """What `terdit reproduce` was asked for, with the budget resolved (`--quick` or the full one)."""
 
-    out: str = "reproduce"
-    quick: bool = False
-    config: str = "TerDiT-Digits"
-    data: str | None = None
-    steps: int = 2000
-    batch_size: int = 128
-    lr: float = 5e-4
-    lr_after_drop: float = 1e-4
-    lr_drop_fraction: float = 0.75
-    seed: int = 0
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    num_samples: int = 500
-    sample_steps: int = 50
-    cfg: list[float] = field(default_factory=lambda: [1.5, 4.0])
-    eval_every: int = 500
-    metrics: str = "auto"
-    device: str | None = None
-    progress: bool = True
+    out: str = setting("reproduce", "report folder (runs, evaluations, report.md)")
+    quick: bool = setting(False, f"CI budget: {', '.join(f'{k}={v}' for k, v in QUICK_BUDGET.items())}")
+    config: str = setting("TerDiT-Digits", "model config (see `terdit configs`)")
+    data: str | None = setting(None, "training data (default: the embedded digits)")
+    steps: int = setting(FULL_BUDGET["steps"], type=positive_int)
+    batch_size: int = setting(FULL_BUDGET["batch_size"], type=positive_int)
+    lr: float = setting(5e-4, cli=False)
+    lr_after_drop: float = setting(1e-4, cli=False)
+    lr_drop_fraction: float = setting(0.75, "where terdit-lr-drop drops its LR", type=float)
+    seed: int = setting(0, type=int)
+    variants: list[str] = setting(help=f"which rows to produce (default all): {', '.join(VARIANTS)}",
+                                  choices=list(VARIANTS), nargs="+", metavar="NAME",
+                                  default_factory=lambda: list(VARIANTS))
+    num_samples: int = setting(FULL_BUDGET["num_samples"], "samples per evaluation", type=positive_int)
+    sample_steps: int = setting(FULL_BUDGET["sample_steps"], "DDPM sampling steps", type=positive_int)
+    cfg: list[float] = setting(help="guidance scales: the first at every checkpoint and for the claims, all at the "
+                               "last", type=float, nargs="+", default_factory=lambda: [1.5, 4.0])
+    eval_every: int = setting(FULL_BUDGET["eval_every"], "checkpoint and evaluate every N steps", type=positive_int)
+    metrics: str = setting("auto", "auto: digits features for digits data, eval loss otherwise",
+                           choices=["auto", "digits", "loss"])
+    device: str | None = device_setting("cpu or cuda (default: cuda if present)")
+    progress: bool = setting(True)
 
     @property
     def lr_drop_step(self) -> int:

@@ -9,7 +9,6 @@ the peak activations of one sampling forward, which keeps one block's tensors al
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -17,7 +16,6 @@ from typing import Any
 
 import torch
 
-from terdit.cli.args import positive_int
 from terdit.errors import TerditError
 from terdit.models.configs import ALIASES, CONFIGS, TerDiTConfig, get_config
 
@@ -280,21 +278,3 @@ def format_report(info: dict[str, Any]) -> str:
     lines.append("  estimated, not measured: weights at storage size + one block's peak activations "
                  "(VAE and CUDA context excluded; see terdit.loading.info.estimate_memory)")
     return "\n".join(lines)
-
-
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="config, parameter counts, bits per weight, size and memory estimate of a model")
-    p.add_argument("path", metavar="PATH", help="run folder, deploy / pretrained / pipeline directory, or config name")
-    p.add_argument("--resolution", type=positive_int, default=None,
-                   help="image resolution in pixels for the memory estimate (default: the model's native one)")
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images sampled at once (memory estimate)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=cmd_info)
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    info = describe(args.path, resolution=args.resolution, batch_size=args.batch_size)
-    print(json.dumps(info, indent=2) if args.json else format_report(info))
-    return 0

@@ -16,7 +16,6 @@ keeps torchrun from reading `--run` as an abbreviation of its own `--run-path`.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -30,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from terdit.cli.args import add_device_args, add_overwrite_arg, nonneg_float, positive_int
 from terdit.data.base import derived_seed
+from terdit.defaults import device_setting, dtype_setting, nonneg_float, overwrite_setting, positive_int, setting
 from terdit.errors import TerditError
 from terdit.io import atomic_write, atomic_write_text, check_output, clean_leftovers, fault_point, locked
 from terdit.models.memory import check_batch_fits
@@ -40,29 +39,35 @@ SETTINGS_FILE = "settings.json"
 PART_GLOB = "batch-*.npz"
 _LABELS, _NOISE = 1, 2  # distinct seed spaces for the two random draws of a batch
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: equal samples give a byte-identical npz
+BACKENDS = ("auto", "eager", "cuda-graph")  # H3 defines it in terdit.diffusion.sampler: take that one at merge
 
 
 @dataclass
 class MassSampleArgs:
     """Everything `terdit sample-npz` takes."""
 
-    run: str
-    out: str = "samples.npz"
-    num_samples: int = 50_000
-    cfg: float = 1.5
-    cfg_channels: int | None = None
-    steps: int = 250
-    sampler: str = "ddpm"
-    eta: float = 0.0
-    batch_size: int = 32
-    seed: int = 0
-    classes: list[int] | None = None
-    ema: bool = True
-    device: str | None = None
-    dtype: str | None = None
-    progress: bool = True
-    overwrite: bool = False
-
+    run: str = setting(help="run folder (or deploy folder)")
+    out: str = setting("samples.npz", "ADM npz to write; finished batches wait in OUT.parts/ until all are drawn")
+    num_samples: int = setting(50_000, "FID-50K", type=positive_int)
+    cfg: float = setting(1.5, "classifier-free guidance scale; 1 = none (DiT's FID setting)", type=nonneg_float)
+    cfg_channels: int | None = setting(None, "guide only the first N channels (3 = the public code's quirk; "
+                                       "default all)", type=positive_int)
+    steps: int = setting(250, "sampling steps", type=int)
+    sampler: str = setting("ddpm", choices=["ddpm", "ddim"])
+    eta: float = setting(0.0, "DDIM eta", type=nonneg_float)
+    batch_size: int = setting(32, "samples per batch, each process draws one batch at a time; the result does not "
+                              "depend on the process count", type=positive_int)
+    seed: int = setting(0, type=int)
+    classes: list[int] | None = setting(None, "draw labels uniformly from these ids only (default: all classes)",
+                                        type=int, nargs="+")
+    ema: bool = setting(True, "use the raw weights, not the EMA")
+    device: str | None = device_setting()
+    dtype: str | None = dtype_setting()
+    progress: bool = setting(True, "no progress bar")
+    overwrite: bool = overwrite_setting("npz file")
+    # not part of the samples' settings: every backend gives the same samples
+    backend: str = setting("auto", "sampling loop: auto (a CUDA graph on CUDA, else eager), eager or cuda-graph",
+                           choices=BACKENDS)
 
 def num_batches(num_samples: int, batch_size: int) -> int:
     return -(-num_samples // batch_size)
@@ -277,7 +282,7 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
             images = generate(model, map_labels(labels.tolist()), decode=decode, cfg_scale=args.cfg,
                               steps=args.steps, sampler=args.sampler, eta=args.eta,
                               seed=batch_noise_seed(args.seed, b), guide_channels=args.cfg_channels,
-                              dtype=dtype if dtype != torch.float32 else None)
+                              dtype=dtype if dtype != torch.float32 else None, backend=args.backend)
             _write_part(part_path(parts, b), to_uint8(images), labels)
         if max_batches is not None:
             return None
@@ -291,40 +296,3 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
         hold.close()
         if owns_group:
             shutdown(info)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample-npz", help="draw many samples into one ADM npz for FID (DiT's protocol; resumable, "
-                                          "torchrun-parallel)")
-    p.add_argument("--run", required=True, help="run folder (or deploy folder)")
-    p.add_argument("--num-samples", type=positive_int, default=50_000, help="default 50000 (FID-50K)")
-    p.add_argument("--cfg", type=nonneg_float, default=1.5,
-                   help="classifier-free guidance scale; 1 = none (default 1.5, DiT's FID setting)")
-    p.add_argument("--cfg-channels", type=positive_int, default=None,
-                   help="guide only the first N channels (3 = the public code's quirk; default all)")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (default 250)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="default ddpm")
-    p.add_argument("--eta", type=nonneg_float, default=0.0, help="DDIM eta (default 0)")
-    p.add_argument("--batch-size", type=positive_int, default=32,
-                   help="samples per batch, each process draws one batch at a time; the result does not "
-                        "depend on the process count (default 32)")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
-    p.add_argument("--classes", type=int, nargs="+", default=None,
-                   help="draw labels uniformly from these ids only (default: all classes)")
-    p.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights, not the EMA")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    p.add_argument("--out", default="samples.npz",
-                   help="ADM npz to write (default samples.npz); finished batches wait in OUT.parts/ until "
-                        "all are drawn")
-    add_overwrite_arg(p, "npz file")
-    add_device_args(p)
-    p.set_defaults(func=cmd_sample_npz)
-
-
-def cmd_sample_npz(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in vars(args).items() if k in MassSampleArgs.__dataclass_fields__}
-    path = sample_npz(MassSampleArgs(**fields))
-    if path is not None:
-        print(f"wrote {args.num_samples} samples to {path}")
-    return 0
-

@@ -28,7 +28,6 @@ uses its transformer/). A diffusers student's run stores the diffusers config an
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
@@ -40,9 +39,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from terdit.cli.args import nonneg_float, positive_int
 from terdit.data import TrainingData
 from terdit.data.base import derived_seed
+from terdit.defaults import nonneg_float, positive_int, setting
 from terdit.diffusion import GaussianDiffusion
 from terdit.diffusion.gaussian import mean_flat
 from terdit.errors import TerditError
@@ -259,23 +258,26 @@ class TeacherPool(Dataset):
 class DistillArgs:
     """What `terdit distill` adds to `terdit train`'s arguments; stored in RUN/distill.json."""
 
-    teacher: str = ""
-    subfolder: str | None = None
-    pool_size: int = 1024
-    pool_reuse: int = 8
-    pool_steps: int = 20
-    pool_cfg: list[float] = field(default_factory=lambda: [1.0, 4.0])
-    uncond_prob: float = 0.1
-    adaln_norm: bool = False  # terdit teachers: add TerDiT's RMSNorm after the ternary adaLN (add_adaln_norm_)
+    teacher: str = setting("", "terdit run/model dir, diffusers transformer dir or Hub id", required=True)
+    subfolder: str | None = setting(None, "subfolder of --teacher holding the transformer")
+    pool_size: int = setting(1024, "teacher samples per pool", type=positive_int)
+    pool_reuse: int = setting(8, "passes over a pool before it is redrawn", type=positive_int)
+    pool_steps: int = setting(20, "DDIM steps the teacher samples with", type=positive_int)
+    pool_cfg: list[float] = setting(help="guidance of pool samples", type=nonneg_float, nargs="+",
+                                    default_factory=lambda: [1.0, 4.0])
+    uncond_prob: float = setting(0.1, "fraction of null-class targets", type=nonneg_float)
+    adaln_norm: bool = setting(  # terdit teachers: add TerDiT's RMSNorm after the ternary adaLN (add_adaln_norm_)
+        False, "terdit teachers: add TerDiT's RMSNorm after each ternary adaLN (the paper's fix for inflated "
+        "modulation; on the digits teacher ternarize_ did not inflate it)")
 
     def validate(self) -> None:
         checks = [
-            (bool(self.teacher), "--teacher is required"),
-            (self.pool_size >= 1, f"--pool-size must be >= 1, got {self.pool_size}"),
-            (self.pool_reuse >= 1, f"--pool-reuse must be >= 1, got {self.pool_reuse}"),
-            (1 <= self.pool_steps <= 1000, f"--pool-steps must be in [1, 1000], got {self.pool_steps}"),
-            (bool(self.pool_cfg) and all(c >= 0 for c in self.pool_cfg), f"--pool-cfg must be >= 0: {self.pool_cfg}"),
-            (0 <= self.uncond_prob < 1, f"--uncond-prob must be in [0, 1), got {self.uncond_prob}"),
+            (bool(self.teacher), "teacher is required"),
+            (self.pool_size >= 1, f"pool_size must be >= 1, got {self.pool_size}"),
+            (self.pool_reuse >= 1, f"pool_reuse must be >= 1, got {self.pool_reuse}"),
+            (1 <= self.pool_steps <= 1000, f"pool_steps must be in [1, 1000], got {self.pool_steps}"),
+            (bool(self.pool_cfg) and all(c >= 0 for c in self.pool_cfg), f"pool_cfg must be >= 0: {self.pool_cfg}"),
+            (0 <= self.uncond_prob < 1, f"uncond_prob must be in [0, 1), got {self.uncond_prob}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -302,7 +304,7 @@ class Distiller(Trainer):
         self.teacher, self.spec = load_teacher(distill.teacher, distill.subfolder, self.device)
         if distill.adaln_norm:
             if not isinstance(self.spec, TerDiTConfig):
-                raise TerditError("--adaln-norm: only terdit teachers have the adaLN layout it extends")
+                raise TerditError("adaln_norm: only terdit teachers have the adaLN layout it extends")
             self.spec = dataclasses.replace(self.spec, adaln_norm=True)
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -319,7 +321,7 @@ class Distiller(Trainer):
         c, h, _ = data.sample_shape
         spec = self.spec
         if (c, h) != (spec.in_channels, spec.input_size) or data.num_classes > spec.num_classes:
-            raise TerditError(f"--data gives {c}x{h}x{h} samples of {data.num_classes} classes; the teacher takes "
+            raise TerditError(f"data gives {c}x{h}x{h} samples of {data.num_classes} classes; the teacher takes "
                               f"{spec.in_channels}x{spec.input_size}x{spec.input_size} and {spec.num_classes}")
         return spec
 
@@ -344,7 +346,7 @@ class Distiller(Trainer):
 
     def _wrap(self, model: nn.Module, ema: nn.Module) -> tuple[nn.Module, nn.Module]:
         if self.dist.enabled and self.args.parallel == "fsdp" and not hasattr(model, "layers"):
-            raise TerditError("--parallel fsdp shards terdit's blocks; for a diffusers student use ddp")
+            raise TerditError("parallel fsdp shards terdit's blocks; for a diffusers student use ddp")
         return super()._wrap(model, ema)
 
     def _sample_grid(self, ema: nn.Module, path: Path, writer, step: int) -> None:
@@ -389,50 +391,3 @@ def load_student(run: str | Path, ema: bool = True, device: str | torch.device =
     runlib.load_weights_into(model, runlib.latest_checkpoint(path) / ("ema.safetensors" if ema else
                                                                       "model.safetensors"))
     return model.to(device).eval()
-
-
-# -- the command ----------------------------------------------------------------------------------------------
-# `terdit train` flags that mean the same for distill; model-shape and init flags come from the teacher instead.
-_SHARED_TRAIN_FLAGS = {
-    "steps", "batch_size", "grad_accum", "lr", "lr_drop_step", "lr_after_drop", "weight_decay", "ema_decay",
-    "grad_clip", "seed",
-    "ckpt_every", "keep_checkpoints", "log_every", "sample_every", "sample_cfg", "parallel", "device", "dtype",
-    "grad_checkpointing", "tensorboard", "progress", "resume", "resolution", "vae", "flip", "vae_sample",
-    "class_map", "strict_data",
-}
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="ternarize a pretrained DiT by data-free distillation from itself",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--teacher", required=True, help="terdit run/model dir, diffusers transformer dir or Hub id")
-    p.add_argument("--subfolder", default=None, help="subfolder of --teacher holding the transformer")
-    p.add_argument("--out", required=True, help="run folder to write")
-    p.add_argument("--data", default=None, help="real images or latents instead of the teacher's samples")
-    p.add_argument("--pool-size", type=positive_int, default=1024, help="teacher samples per pool")
-    p.add_argument("--pool-reuse", type=positive_int, default=8, help="passes over a pool before it is redrawn")
-    p.add_argument("--pool-steps", type=positive_int, default=20, help="DDIM steps the teacher samples with")
-    p.add_argument("--pool-cfg", type=nonneg_float, nargs="+", default=[1.0, 4.0], help="guidance of pool samples")
-    p.add_argument("--uncond-prob", type=nonneg_float, default=0.1, help="fraction of null-class targets")
-    p.add_argument("--adaln-norm", action="store_true",
-                   help="terdit teachers: add TerDiT's RMSNorm after each ternary adaLN (the paper's fix for "
-                        "inflated modulation; on the digits teacher ternarize_ did not inflate it)")
-    # every other run-control flag is `terdit train`'s own (steps, batch size, EMA, checkpoints, resume, ...)
-    train = sub.choices.get("train")
-    if train is None:
-        raise RuntimeError("terdit.cli.commands must register `train` before terdit.training.distill")
-    own = {a.dest for a in p._actions}
-    for action in train._actions:
-        if action.dest in _SHARED_TRAIN_FLAGS and action.dest not in own:
-            p._add_action(action)
-    p.set_defaults(func=cmd_distill)
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    fields = {k: v for k, v in vars(args).items() if k in TrainArgs.__dataclass_fields__}
-    fields["precision"] = args.dtype
-    dfields = {k: v for k, v in vars(args).items() if k in DistillArgs.__dataclass_fields__}
-    last = distill(TrainArgs(**fields), DistillArgs(**dfields))
-    if last:
-        print(f"done: step {last['step']}, student-teacher loss {last['loss']:.5f}; run in {args.out}")
-    return 0

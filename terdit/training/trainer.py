@@ -38,7 +38,18 @@ from tqdm.auto import tqdm
 
 from terdit.data import TrainingData, open_training_data
 from terdit.data.base import derived_seed
-from terdit.defaults import default_device
+from terdit.defaults import (
+    DTYPES,
+    device_setting,
+    dtype_setting,
+    finite_float,
+    nonneg_float,
+    nonneg_int,
+    positive_int,
+    resolve_device,
+    resolve_dtype,
+    setting,
+)
 from terdit.diffusion import GaussianDiffusion
 from terdit.distributed import DistInfo, barrier, init_distributed, mean_across, shutdown
 from terdit.errors import Interrupted, TerditError
@@ -60,53 +71,74 @@ from terdit.models.terdit import TerDiT
 from terdit.quant.ternary import set_act_bits
 from terdit.sampling.generate import make_grid, sample_latents, save_grid, to_uint8
 
+LINEARS = ("fp", "ternary", "bitnet")
+
 
 @dataclass
 class TrainArgs:
-    """Everything `terdit train` takes; stored resolved in RUN/train_args.json."""
+    """Everything `terdit train` takes (its flags are generated from these fields); stored resolved in
+    RUN/train_args.json."""
 
-    out: str = "runs/digits"
-    config: str = "TerDiT-Digits"
-    ternary: bool = True
-    linear: str | None = None  # "fp" | "ternary" | "bitnet"; overrides `ternary` when given
-    adaln_norm: bool | None = None  # None: on for ternary/bitnet, off for fp (Large-DiT)
-    alpha_init: str | None = None
-    qk_norm: bool = False
-    act_bits: int | None = None  # 8: ternary layers see 8-bit activations (BitNet-style QAT, set_act_bits)
-    data: str | None = None
-    resolution: int | None = None
-    vae: str | None = None
-    flip: bool = True
-    vae_sample: bool = True
-    class_map: str | None = None
-    strict_data: bool = False
-    steps: int = 2000
-    batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 5e-4
-    lr_drop_step: int | None = None
-    lr_after_drop: float = 1e-4
-    weight_decay: float = 0.0
-    ema_decay: float | None = None
-    grad_clip: float = 2.0
-    seed: int = 0
-    ckpt_every: int | None = 1000
-    ckpt_minutes: float = 10.0  # also checkpoint when this long has passed since the last one (0: never)
-    keep_checkpoints: int = 2
-    log_every: int = 10
-    sample_every: int | None = None
-    sample_cfg: float = 4.0
-    sample_steps: int = 250
-    parallel: str = "ddp"
-    device: str | None = None
-    precision: str | None = None
-    num_workers: int = 0
-    grad_checkpointing: bool = False
-    tensorboard: bool = True
-    resume: bool = False
-    init_from: str | None = None
-    progress: bool = True
-    override: bool = False  # on resume, accept changed model / data / batch / lr settings
+    out: str = setting("runs/digits", "run folder to write")
+    config: str = setting("TerDiT-Digits", "model config name (see `terdit configs`)")
+    linear: str = setting("ternary", "block linears: fp (full-precision twin, Large-DiT: plain linears, no RMSNorm "
+                          "after adaLN), ternary (TerDiT) or bitnet (BitNet b1.58 baseline)", choices=LINEARS,
+                          aliases={"--no-ternary": "fp"})
+    adaln_norm: bool | None = setting(  # None: on for ternary/bitnet, off for fp (Large-DiT)
+        None, "keep the RMSNorm after adaLN in a full-precision model (default: off, as Large-DiT)",
+        negative=("--no-adaln-norm", "drop the RMSNorm after adaLN (the paper's ablation)"))
+    alpha_init: str | None = setting(None, "initial alpha of ternary layers (config default: absmean)",
+                                     choices=["absmean", "randn", "ones"])
+    qk_norm: bool = setting(False, "LayerNorm on q and k")
+    act_bits: int | None = setting(None, "ternary layers see 8-bit per-token activations (BitNet-style QAT; exact "
+                                   "on --policy int8)", type=int, choices=[8])
+    data: str | None = setting(None, "image folder or latent folder (default: embedded digits)")
+    resolution: int | None = setting(None, "image resolution (image folders)", type=positive_int)
+    vae: str | None = setting(None, "VAE hub id or local dir for image folders ('none': pixels)")
+    flip: bool = setting(True, "no random horizontal flips")
+    vae_sample: bool = setting(True, "encode images with the posterior mean (default: a sample, as DiT)",
+                               flags=["--vae-mean"])
+    class_map: str | None = setting(None, "JSON {folder name: class index} for image folders")
+    strict_data: bool = setting(False, "fail on unreadable images instead of skipping")
+    steps: int = setting(2000, type=positive_int)
+    batch_size: int = setting(128, "global batch size", type=positive_int)
+    grad_accum: int = setting(1, type=positive_int)
+    lr: float = setting(5e-4, type=finite_float)
+    lr_drop_step: int | None = setting(None, "step at which lr drops", type=positive_int)
+    lr_after_drop: float = setting(1e-4, type=finite_float)
+    weight_decay: float = setting(0.0, cli=False)
+    ema_decay: float | None = setting(None, "default 0.9999, capped so the EMA horizon is <= 10%% of --steps",
+                                      type=finite_float)
+    grad_clip: float = setting(2.0, "0 disables clipping", type=nonneg_float)
+    seed: int = setting(0, type=int)
+    ckpt_every: int | None = setting(1000, "checkpoint every N steps", type=positive_int)
+    ckpt_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last checkpoint "
+                                  "(0: never)", type=nonneg_float)
+    keep_checkpoints: int = setting(2, type=positive_int)
+    log_every: int = setting(10, type=positive_int)
+    sample_every: int | None = setting(None, "write a sample grid every N steps", type=positive_int)
+    sample_cfg: float = setting(4.0, "guidance of the sample grids", type=nonneg_float)
+    sample_steps: int = setting(250, "sampling steps of the sample grids", type=positive_int)
+    parallel: str = setting("ddp", "under torchrun", choices=["ddp", "fsdp"])
+    num_workers: int = setting(0, type=nonneg_int)
+    grad_checkpointing: bool = setting(False)
+    tensorboard: bool = setting(True)
+    progress: bool = setting(True)
+    resume: bool = setting(False, "continue the run in --out from its last checkpoint")
+    override: bool = setting(False, "with --resume: accept model, data, batch or lr settings that differ from the "
+                             "run's")  # on resume, accept changed model / data / batch / lr settings
+    init_from: str | None = setting(None, "start from another run's EMA weights")
+    device: str | None = device_setting()
+    precision: str | None = dtype_setting()
+
+    @staticmethod
+    def upgrade(stored: dict[str, Any]) -> dict[str, Any]:
+        """train_args.json of older runs spelled the linear kind `ternary: bool` (with `linear: null`)."""
+        stored = dict(stored)
+        ternary = stored.pop("ternary", None)
+        if stored.get("linear") is None and ("linear" in stored or ternary is not None):
+            stored["linear"] = "fp" if ternary is False else "ternary"
+        return stored
 
     def resolved_ema_decay(self) -> float:
         """0.9999 (DiT, Large-DiT), capped so the EMA horizon 1/(1-decay) is at most 10% of the run."""
@@ -116,23 +148,24 @@ class TrainArgs:
 
     def validate(self) -> None:
         checks = [
-            (self.steps >= 1, f"--steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"--grad-accum must be >= 1, got {self.grad_accum}"),
-            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.ema_decay is None or 0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}"),
-            (self.parallel in ("ddp", "fsdp"), f"--parallel must be ddp or fsdp, got {self.parallel}"),
-            (self.precision in (None, "fp32", "bf16", "fp16"), f"--precision: unknown {self.precision}"),
-            (self.log_every >= 1, f"--log-every must be >= 1, got {self.log_every}"),
-            (self.num_workers >= 0, f"--num-workers must be >= 0, got {self.num_workers}"),
-            (self.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}"),
-            (self.ckpt_every is None or self.ckpt_every >= 1, f"--ckpt-every must be >= 1, got {self.ckpt_every}"),
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.ema_decay is None or 0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
+            (self.linear in LINEARS, f"linear must be one of {', '.join(LINEARS)}, got {self.linear!r}"),
+            (self.parallel in ("ddp", "fsdp"), f"parallel must be ddp or fsdp, got {self.parallel}"),
+            (self.precision is None or self.precision in DTYPES, f"precision: unknown dtype {self.precision!r}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.ckpt_every is None or self.ckpt_every >= 1, f"ckpt_every must be >= 1, got {self.ckpt_every}"),
             (math.isfinite(self.ckpt_minutes) and self.ckpt_minutes >= 0,
-             f"--ckpt-minutes must be >= 0, got {self.ckpt_minutes}"),
+             f"ckpt_minutes must be >= 0, got {self.ckpt_minutes}"),
             (all(math.isfinite(v) for v in (self.lr, self.lr_after_drop, self.grad_clip, self.sample_cfg,
-                                            self.weight_decay)), "--lr, --lr-after-drop, --grad-clip, "
-             "--weight-decay and --sample-cfg must be finite numbers"),
-            (self.act_bits in (None, 8), f"--act-bits must be 8, got {self.act_bits}"),
+                                            self.weight_decay)),
+             "lr, lr_after_drop, grad_clip, weight_decay and sample_cfg must be finite numbers"),
+            (self.act_bits in (None, 8), f"act_bits must be 8, got {self.act_bits}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -215,7 +248,7 @@ RUN_ENTRIES = (runlib.CONFIG_FILE, runlib.TRAIN_ARGS_FILE, runlib.LOG_FILE, runl
 
 RESUME_FROM_NOW = ("out", "steps", "resume", "override", "device", "precision", "num_workers", "parallel",
                    "progress", "init_from")
-MODEL_KEYS = ("config", "ternary", "linear", "adaln_norm", "alpha_init", "qk_norm")  # fixed by config.json
+MODEL_KEYS = ("config", "linear", "adaln_norm", "alpha_init", "qk_norm")  # fixed by config.json
 
 
 def _default_of(key: str) -> Any:
@@ -227,13 +260,11 @@ class Trainer:
     def __init__(self, args: TrainArgs) -> None:
         args.validate()
         self.args = args
-        device_type = args.device or default_device()
-        if device_type.startswith("cuda") and not torch.cuda.is_available():
-            raise TerditError("--device cuda requested but CUDA is not available")
-        self.dist: DistInfo = init_distributed("cuda" if device_type.startswith("cuda") else "cpu")
-        self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type.startswith("cuda") else "cpu")
-        precision = args.precision or ("bf16" if self.device.type == "cuda" else "fp32")
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+        device_type = resolve_device(args.device).type
+        self.dist: DistInfo = init_distributed(device_type)
+        self.device = torch.device(f"cuda:{self.dist.local_rank}" if device_type == "cuda" else "cpu")
+        autocast = resolve_dtype(args.precision, self.device, "precision")
+        self.autocast_dtype = None if autocast == torch.float32 else autocast
         self.out = Path(args.out)
         self.start_step = 0
         self._decode = None
@@ -274,7 +305,7 @@ class Trainer:
         a = self.args
         if a.resume:
             runlib.require_run(self.out)
-            self.args = a = self._resumed_args(runlib.load_train_args(self.out, required=True))
+            self.args = a = self._resumed_args(TrainArgs.upgrade(runlib.load_train_args(self.out, required=True)))
             self.config = self._load_config()
             last = int(runlib.latest_checkpoint(self.out).name)
             if a.steps < last:
@@ -332,7 +363,7 @@ class Trainer:
         if h != w:
             raise TerditError(f"data samples are {h}x{w}; TerDiT configs are square")
         overrides = dict(
-            ternary=a.ternary if a.linear is None else None, linear=a.linear, adaln_norm=a.adaln_norm,
+            linear=a.linear, adaln_norm=a.adaln_norm,
             alpha_init=a.alpha_init, qk_norm=a.qk_norm,
             in_channels=c, input_size=h, num_classes=data.num_classes,
         )
@@ -368,7 +399,7 @@ class Trainer:
         a, d = self.args, self.dist
         world_micro = d.world_size * a.grad_accum
         if a.batch_size % world_micro:
-            raise TerditError(f"--batch-size {a.batch_size} is not divisible by processes x grad-accum = {world_micro}")
+            raise TerditError(f"batch_size {a.batch_size} is not divisible by processes x grad_accum = {world_micro}")
         micro = a.batch_size // world_micro
         check_batch_fits(cfg, micro, self.device, f"--batch-size {a.batch_size} (micro-batch {micro}; "
                                                   "--grad-accum splits it)", training=True)
@@ -441,7 +472,7 @@ class Trainer:
         torch.manual_seed(a.seed)
         model = self._build_model(cfg)
         if a.act_bits is not None and not set_act_bits(model, a.act_bits):
-            raise TerditError(f"--act-bits needs ternary layers (config linear={cfg.linear!r})")
+            raise TerditError(f"act_bits {a.act_bits} needs ternary layers (config linear={cfg.linear!r})")
         ckpt = runlib.latest_checkpoint(self.out) if a.resume else None
         if ckpt is not None:
             runlib.load_weights_into(model, ckpt / "model.safetensors")
@@ -628,7 +659,7 @@ class Trainer:
         own = model.state_dict()
         bad = [k for k in own if k not in state or state[k].shape != own[k].shape]
         if bad:
-            raise TerditError(f"--init-from {src}: weights do not fit this model (e.g. {bad[0]})")
+            raise TerditError(f"init_from {src}: weights do not fit this model (e.g. {bad[0]})")
         model.load_state_dict(state, strict=True)
 
     def _tensorboard(self):

@@ -1,0 +1,97 @@
+"""`terdit sample` (a PNG grid or an ADM npz from a run) and `terdit sample-npz` (DiT's FID protocol, whose
+settings are `MassSampleArgs` in terdit.sampling.npz)."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from terdit.cli.args import add_settings, settings_from
+from terdit.defaults import device_setting, dtype_setting, nonneg_float, overwrite_setting, positive_int, setting
+from terdit.deploy.packed_linear import POLICIES
+from terdit.errors import TerditError
+from terdit.sampling.npz import BACKENDS, MassSampleArgs
+
+
+@dataclass
+class SampleArgs:
+    """Everything `terdit sample` takes."""
+
+    run: str = setting(help="run folder (or deploy folder)")
+    classes: list[int] | None = setting(None, "class ids (default: 0..min(K,10)-1)", type=int, nargs="+")
+    num_per_class: int = setting(1, type=positive_int)
+    cfg: float = setting(4.0, "classifier-free guidance scale (1 = none)", type=nonneg_float)
+    cfg_channels: int | None = setting(None, "guide only the first N channels (3 = the public code's quirk; "
+                                       "default all)", type=positive_int)
+    steps: int = setting(250, "sampling steps", type=int)
+    sampler: str = setting("ddpm", choices=["ddpm", "ddim"])
+    eta: float = setting(0.0, "DDIM eta", type=nonneg_float)
+    seed: int = setting(0, type=int)
+    ema: bool = setting(True, "use the raw weights, not the EMA")
+    out: str | None = setting(None, ".png grid or .npz (default: RUN/sample.png)")
+    overwrite: bool = overwrite_setting("sample file")
+    vae: str | None = setting(None, "VAE to decode latents (default: the one the run trained with)")
+    policy: str = setting("memory", "packed models: unpack per call (memory), cache unpacked weights (speed), or CPU "
+                          "integer compute with 8-bit activations, codes resident (int8) or packed (int8-packed)",
+                          choices=POLICIES)
+    backend: str = setting("auto", "sampling loop: auto (a CUDA graph on CUDA, else eager), eager or cuda-graph",
+                           choices=BACKENDS)
+    device: str | None = device_setting()
+    dtype: str | None = dtype_setting()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="draw samples from a run to a PNG grid or an ADM npz")
+    add_settings(p, SampleArgs)
+    p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("sample-npz", help="draw many samples into one ADM npz for FID (DiT's protocol; resumable, "
+                                          "torchrun-parallel)")
+    add_settings(p, MassSampleArgs)
+    p.set_defaults(func=cmd_sample_npz)
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    sample(settings_from(SampleArgs, args))
+    return 0
+
+
+def sample(a: SampleArgs) -> Path:
+    """Draw the samples `a` asks for and write them to a.out (default RUN/sample.png)."""
+    import torch
+
+    from terdit.io import check_output
+    from terdit.loading.serving import load_for_sampling
+    from terdit.models.memory import check_batch_fits
+    from terdit.sampling.generate import check_sampling_args, generate, save_samples
+
+    out = Path(a.out) if a.out else Path(a.run) / "sample.png"
+    if out.suffix.lower() not in (".png", ".npz"):
+        raise TerditError(f"--out {out}: must end in .png (grid) or .npz (ADM arrays)")
+    # before sampling: a refused or unwritable --out must not cost the whole run first
+    check_output(out, own=lambda p: p.is_file() and p.suffix.lower() == out.suffix.lower(),
+                 kind=f"{out.suffix.lower()} file", overwrite=a.overwrite, folder=False)
+    model, decode, map_labels = load_for_sampling(a.run, ema=a.ema, device=a.device, dtype=a.dtype, vae=a.vae,
+                                                  policy=a.policy)
+    classes = a.classes if a.classes is not None else list(range(min(model.config.num_classes, 10)))
+    check_sampling_args(model.config.num_classes, classes, a.cfg, a.steps, a.cfg_channels, model.config.in_channels)
+    check_batch_fits(model.config, 2 * len(classes) * a.num_per_class, next(model.parameters()).device,
+                     f"--num-per-class {a.num_per_class}")
+    labels = [c for c in classes for _ in range(a.num_per_class)]
+    dtype = next(model.parameters()).dtype
+    images = generate(model, map_labels(labels), decode=decode, cfg_scale=a.cfg, steps=a.steps, sampler=a.sampler,
+                      eta=a.eta, seed=a.seed, guide_channels=a.cfg_channels,
+                      dtype=dtype if dtype != torch.float32 else None, progress=True, backend=a.backend)
+    save_samples(images, labels, out, nrow=a.num_per_class if a.num_per_class > 1 else None)
+    print(f"wrote {len(labels)} samples to {out}")
+    return out
+
+
+def cmd_sample_npz(args: argparse.Namespace) -> int:
+    from terdit.sampling.npz import sample_npz
+
+    path = sample_npz(settings_from(MassSampleArgs, args))
+    if path is not None:
+        print(f"wrote {args.num_samples} samples to {path}")
+    return 0
