@@ -16,9 +16,10 @@ Packing is a module swap (`pack_`, in the style of torchao's `quantize_`): each 
 tree is replaced in place by a PackedLinear, and nothing else of the model changes (no packed subclass of the
 model's blocks). Everything the packed policies need lives in this layer and in the kernels it dispatches to
 (terdit.deploy.kernels): the memory policy's bound on unpacked weight bytes (row blocks through the shared
-scratch) and the integer path's activation quantization (terdit.deploy.cpu_int8). Activations are those of the
-model's own forward: for the largest model (4.2B at 1024 tokens) its SwiGLU holds up to three [tokens, hidden]
-tensors at once (~96 MiB in fp32), about 6% of its packed-memory peak.
+scratch) and the integer path's activation quantization, shared by layers on one input (terdit.deploy.cpu_int8).
+Activations are those of the model's own forward; when the blocks were packed subclasses, the memory policy
+also ran attention by groups of heads and the FFN by blocks of hidden units: without that, 4.2B at 1024
+tokens peaks ~100 MB higher in fp32 (2 of its blocks measured: 636 -> 734 MB) and the same in bf16 (640 -> 636).
 
 Inference only: weights have no gradient. If autograd is recording with an input that needs grad, the
 memory policy unpacks into a fresh tensor instead of the shared scratch (autograd would keep a reference).
