@@ -175,9 +175,9 @@ class SharedTokens:
     """
 
     def __init__(self) -> None:
-        self._ref: weakref.ref[torch.Tensor] | None = None
-        self._key: tuple | None = None
-        self._tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+        # (weak reference to the input, its key, (q, scale)), replaced as a whole: one read sees one entry,
+        # so threads sharing a model never pair one input with another's tokens
+        self._entry: tuple[weakref.ref[torch.Tensor], tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @staticmethod
     def key(x: torch.Tensor, unsigned: bool) -> tuple:
@@ -187,15 +187,16 @@ class SharedTokens:
     def get(self, x: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(q, scale) of `x` [..., K], quantized now unless the last call quantized this very tensor."""
         key = self.key(x, unsigned)
-        if self._tokens is not None and self._ref is not None and self._ref() is x and self._key == key:
-            return self._tokens
-        self.clear()  # the old tokens go before the new ones are made
+        entry = self._entry
+        if entry is not None and entry[0]() is x and entry[1] == key:
+            return entry[2]
+        self._entry = None  # the old tokens go before the new ones are made
         tokens = run(quant_fn, x.reshape(-1, x.shape[-1]), unsigned)
-        self._ref, self._key, self._tokens = weakref.ref(x), key, tokens
+        self._entry = (weakref.ref(x), key, tokens)
         return tokens
 
     def clear(self) -> None:
-        self._ref = self._key = self._tokens = None
+        self._entry = None
 
 
 _COMPILED: dict[Callable, Callable] = {}
