@@ -313,3 +313,40 @@ def test_act_bits_model_is_what_the_integer_path_computes(tmp_path):
         return float((a - qat).norm() / qat.norm())
 
     assert rel(int8) < 1e-3 and rel(exact) > 10 * rel(int8), (rel(int8), rel(exact))
+
+
+def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
+    """compile_int8_ (what load_deployed does for "int8"): attention, FFN and adaLN compiled around their packed
+    layers, so Inductor shares the quantization of one input, compute what the per-layer units compute."""
+    from terdit.diffusion.guidance import guided_model_fn
+
+    model = random_micro(seed=5)
+    export_model(model, tmp_path / "dep", "2bit")
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    y, t = torch.tensor([1, 4]), torch.tensor([10, 700])
+
+    def run(m):
+        with torch.inference_mode():
+            return guided_model_fn(m, y, 2.0, null_class=cfg.num_classes)(x, t)
+
+    def compiled(m):
+        return [n for n, mod in m.named_modules() if getattr(mod._compiled_call_impl, "terdit_int8", False)]
+
+    eager = load_deployed(tmp_path / "dep", policy="int8")  # TERDIT_CPU_COMPILE=0: per-layer, eager
+    assert compiled(eager) == []
+    per_layer = run(eager)
+    monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
+    if not cpu_int8.compile_enabled():
+        pytest.skip("torch.compile failed earlier in this process")
+    dep = load_deployed(tmp_path / "dep", policy="int8")
+    assert sorted(compiled(dep)) == sorted(
+        f"layers.{i}.{m}" for i in range(cfg.depth) for m in ("attention", "feed_forward", "adaLN_modulation")
+    )
+    out = run(dep)
+    if not cpu_int8.compile_enabled():
+        pytest.skip("torch.compile is not available here (the eager path ran)")
+    torch.testing.assert_close(out, per_layer, rtol=1e-4, atol=1e-4 * float(per_layer.abs().max()))
+    set_policy(dep, "memory")  # leaving int8 drops the compiled parents
+    assert compiled(dep) == [] and not any(getattr(m, "traced_int8", False) for m in dep.modules())

@@ -14,11 +14,12 @@ from terdit.deploy.format import DeployInfo, read_config
 from terdit.deploy.kernels import find_kernel, register_kernel
 from terdit.deploy.labels import lexicographic_permutation, map_labels
 from terdit.deploy.loader import load_deployed
-from terdit.deploy.packed_linear import PackedLinear, pack_, set_policy
+from terdit.deploy.packed_linear import PackedLinear, compile_int8_, pack_, set_policy
 
 __all__ = [
     "DeployInfo",
     "PackedLinear",
+    "compile_int8_",
     "convert_release",
     "export_model",
     "export_run",

@@ -209,9 +209,36 @@ def compile_enabled() -> bool:
     return os.environ.get("TERDIT_CPU_COMPILE", "1") != "0" and not _compile_failed
 
 
+def compile_failed(e: Exception) -> None:
+    """Switch torch.compile off for the integer path in this process, with one warning."""
+    global _compile_failed
+    _compile_failed = True
+    warnings.warn(f"terdit: torch.compile failed for the CPU integer path, running eagerly "
+                  f"({type(e).__name__}: {str(e)[:200]})", stacklevel=3)
+
+
+def traced_kernel(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """The integer path as plain tensor code, for a layer traced inside its compiled parent
+    (`terdit.deploy.packed_linear.compile_int8_`, which checked the CPU and settings); None where this call is
+    not for it (policy, device, dtype, autograd, weights not prepared), and the layer's usual path runs."""
+    prepacked = layer._prepacked
+    w = prepacked[1] if prepacked is not None else layer._cached
+    if (
+        layer.policy != "int8"
+        or w is None
+        or w.dtype not in (torch.int64, torch.int8)
+        or x.device.type != "cpu"
+        or x.dtype not in FLOAT_DTYPES
+        or (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        return None
+    q, scale = _quant(x.reshape(-1, layer.in_features), w.dtype == torch.int64)
+    y = _mm(q, scale, w, layer.alphas, layer.bias).to(x.dtype)
+    return y.view(*x.shape[:-1], layer.out_features)
+
+
 def run(fn: Callable, *args):
     """fn(*args), through torch.compile where enabled (each shape compiles once, on first use), else eager."""
-    global _compile_failed
     if compile_enabled():
         compiled = _COMPILED.get(fn)
         if compiled is None:
@@ -219,9 +246,7 @@ def run(fn: Callable, *args):
         try:
             return compiled(*args)
         except Exception as e:  # the eager function computes the same values
-            _compile_failed = True
-            warnings.warn(f"terdit: torch.compile failed for the CPU integer path, running eagerly "
-                          f"({type(e).__name__}: {str(e)[:200]})", stacklevel=2)
+            compile_failed(e)
     return fn(*args)
 
 
@@ -314,6 +339,7 @@ __all__ = [
     "layer_codes",
     "quantize_tokens",
     "run",
+    "traced_kernel",
     "mm_fn",
     "quant_fn",
     "unpack_codes_into",

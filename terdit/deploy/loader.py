@@ -20,7 +20,14 @@ from torch import nn
 
 from terdit.defaults import parse_dtype
 from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, is_deploy_dir, read_config
-from terdit.deploy.packed_linear import POLICIES, PackedLinear, pack_, reserve_scratch, warm_cache
+from terdit.deploy.packed_linear import (
+    POLICIES,
+    PackedLinear,
+    compile_int8_,
+    pack_,
+    reserve_scratch,
+    warm_cache,
+)
 from terdit.deploy.public import is_release_dir, read_release
 from terdit.deploy.tensorfile import TensorFile
 from terdit.errors import TerditError
@@ -199,6 +206,8 @@ def load_deployed(
     if policy in ("speed", "int8"):
         warm_cache(model, dt)
         release_free_heap()  # the unpacking's temporaries
+        if policy == "int8":
+            compile_int8_(model)  # attention / FFN / adaLN compile on first call, around their packed layers
     else:
         reserve_scratch(model, dt)
     return model

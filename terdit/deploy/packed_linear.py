@@ -27,6 +27,8 @@ memory policy unpacks into a fresh tensor instead of the shared scratch (autogra
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -99,6 +101,7 @@ class PackedLinear(nn.Module):
         self.scratch_limit = SCRATCH_LIMIT_BYTES
         self._cached: torch.Tensor | None = None
         self._prepacked: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 policy: oneDNN weight, handle
+        self.traced_int8 = False  # set by `compile_int8_`: inside its compiled parent, the traceable integer path
 
     @property
     def unpacked_numel(self) -> int:
@@ -175,6 +178,10 @@ class PackedLinear(nn.Module):
         return self._unpack(buf, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.traced_int8 and torch.compiler.is_compiling():
+            y = cpu_int8.traced_kernel(self, x)
+            if y is not None:
+                return y
         kernel = find_kernel(self.fmt, x, self.policy)
         if kernel is not None:
             y = kernel(self, x)
@@ -287,10 +294,71 @@ def pack_(
 
 
 def set_policy(model: nn.Module, policy: str) -> None:
-    """Switch every PackedLinear of `model` to `policy` (drops cached weights when leaving "speed")."""
+    """Switch every PackedLinear of `model` to `policy` (drops cached weights when leaving "speed", and the
+    compiled parents of `compile_int8_`)."""
+    uncompile_int8_(model)
     for m in model.modules():
         if isinstance(m, PackedLinear):
             m.set_policy(policy)
+
+
+def compile_int8_(model: nn.Module) -> int:
+    """"int8" policy on CPU: torch.compile, in place, each module that holds packed layers as children (for
+    TerDiT: attention, FFN, adaLN), with those layers' integer path traced into its graph; returns how many.
+
+    The per-layer kernel runs each layer's quantize / int8 matmul as its own compiled unit, so the model's own
+    code between layers (SwiGLU's silu * w3 x) runs eagerly and layers on one input share its tokens only
+    through `SharedTokens`. Traced inside the parent, Inductor CSEs the repeated quantization of an input
+    (wq, wk, wv; w1, w3) and fuses the SwiGLU into w2's quantization: at 600M, 1 thread, attention and FFN
+    ran 5-8% faster than the old fused units of the packed block subclasses. Modules of the same class and
+    shapes share one compiled graph. Nothing happens where the per-layer integer path is off (no int8 dot
+    products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0); call after `warm_cache` (the prepacked weights must
+    exist; a layer without them takes the per-layer path). A compile failure switches back to eager
+    for the process, as the per-layer units do.
+    """
+    if not (cpu_int8.compile_enabled() and cpu_int8.has_int8_dot() and os.environ.get("TERDIT_NO_KERNELS") != "1"):
+        return 0
+    count = 0
+    for parent in list(model.modules()):
+        children = [c for c in parent.children() if isinstance(c, PackedLinear)]
+        if isinstance(parent, PackedLinear) or not children:
+            continue
+        if not all(c.policy == "int8" and c.packed.device.type == "cpu" for c in children):
+            continue
+        for child in children:
+            child.traced_int8 = True
+        parent._compiled_call_impl = _guarded(parent, torch.compile(parent._call_impl, dynamic=False))
+        count += 1
+    return count
+
+
+def _guarded(parent: nn.Module, compiled):
+    """`compiled(*args)`, or on a compile failure: back to eager for this module (and the integer path's units)."""
+
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except Exception as e:  # e.g. no C++ compiler: the eager module computes the same values
+            cpu_int8.compile_failed(e)
+            _uncompile(parent)
+            return parent._call_impl(*args, **kwargs)
+
+    call.terdit_int8 = True  # type: ignore[attr-defined]
+    return call
+
+
+def _uncompile(parent: nn.Module) -> None:
+    parent._compiled_call_impl = None
+    for child in parent.children():
+        if isinstance(child, PackedLinear):
+            child.traced_int8 = False
+
+
+def uncompile_int8_(model: nn.Module) -> None:
+    """Undo `compile_int8_`: the parents run eagerly again (set_policy calls it)."""
+    for m in model.modules():
+        if getattr(m._compiled_call_impl, "terdit_int8", False):
+            _uncompile(m)
 
 
 def warm_cache(model: nn.Module, dtype: torch.dtype) -> None:
