@@ -217,29 +217,14 @@ def compile_failed(e: Exception) -> None:
                   f"({type(e).__name__}: {str(e)[:200]})", stacklevel=3)
 
 
-@torch.library.custom_op("terdit::unpack_codes", mutates_args=())
-def unpack_codes_op(packed: torch.Tensor, fmt: str, in_features: int) -> torch.Tensor:
-    """The int8 codes [out, in] of packed rows, unpacked by the fast gather of `unpack_codes_into` into a new
-    tensor ("int8-packed" inside a compiled parent: Inductor frees it after its matmul)."""
-    out = torch.empty(packed.numel() * DIGITS[fmt], dtype=torch.int8, device=packed.device)
-    return unpack_codes_into(packed, fmt, out)[:, :in_features]
-
-
-@unpack_codes_op.register_fake
-def _(packed: torch.Tensor, fmt: str, in_features: int) -> torch.Tensor:
-    return packed.new_empty(packed.shape[0], packed.shape[1] * DIGITS[fmt], dtype=torch.int8)[:, :in_features]
-
-
 def traced_kernel(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor | None:
     """The integer path as plain tensor code, for a layer traced inside its compiled parent
     (`terdit.deploy.packed_linear.compile_int8_`, which checked the CPU and settings); None where this call is
     not for it (policy, device, dtype, autograd, weights not prepared), and the layer's usual path runs."""
-    if layer.policy == "int8-packed":
-        w = torch.ops.terdit.unpack_codes(layer.packed, layer.fmt, layer.in_features)
-    else:
-        w = layer._prepacked[1] if layer._prepacked is not None else layer._cached
+    prepacked = layer._prepacked
+    w = prepacked[1] if prepacked is not None else layer._cached
     if (
-        layer.policy not in INT8_POLICIES
+        layer.policy != "int8"
         or w is None
         or w.dtype not in (torch.int64, torch.int8)
         or x.device.type != "cpu"

@@ -206,10 +206,10 @@ def load_deployed(
     if policy in ("speed", "int8"):
         warm_cache(model, dt)
         release_free_heap()  # the unpacking's temporaries
+        if policy == "int8":
+            compile_int8_(model)  # attention / FFN / adaLN compile on first call, around their packed layers
     else:
         reserve_scratch(model, dt)
-    if policy in ("int8", "int8-packed"):
-        compile_int8_(model)  # attention / FFN / adaLN compile on first call, around their packed layers
     return model
 
 

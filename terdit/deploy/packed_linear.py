@@ -303,19 +303,18 @@ def set_policy(model: nn.Module, policy: str) -> None:
 
 
 def compile_int8_(model: nn.Module) -> int:
-    """int8 policies on CPU: torch.compile, in place, each module that holds packed layers as children (for
+    """"int8" policy on CPU: torch.compile, in place, each module that holds packed layers as children (for
     TerDiT: attention, FFN, adaLN), with those layers' integer path traced into its graph; returns how many.
 
     The per-layer kernel runs each layer's quantize / int8 matmul as its own compiled unit, so the model's own
     code between layers (SwiGLU's silu * w3 x) runs eagerly and layers on one input share its tokens only
     through `SharedTokens`. Traced inside the parent, Inductor CSEs the repeated quantization of an input
     (wq, wk, wv; w1, w3) and fuses the SwiGLU into w2's quantization: at 600M, 1 thread, attention and FFN
-    ran 5-8% faster ("int8") and 1-6% ("int8-packed": codes unpacked per call by the `terdit::unpack_codes` op,
-    freed after their matmul) than the old fused units of the packed block subclasses. Modules of the same
-    class and shapes share one compiled graph. Nothing happens where the per-layer integer path is off (no int8
-    dot products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0); for "int8" call after `warm_cache` (a layer
-    without its prepacked weight takes the per-layer path). A compile failure switches back to eager for the
-    process, as the per-layer units do.
+    ran 5-8% faster than the old fused units of the packed block subclasses. Modules of the same class and
+    shapes share one compiled graph. Nothing happens where the per-layer integer path is off (no int8 dot
+    products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0); call after `warm_cache` (the prepacked weights must
+    exist; a layer without them takes the per-layer path). A compile failure switches back to eager
+    for the process, as the per-layer units do.
     """
     if not (cpu_int8.compile_enabled() and cpu_int8.has_int8_dot() and os.environ.get("TERDIT_NO_KERNELS") != "1"):
         return 0
@@ -324,7 +323,7 @@ def compile_int8_(model: nn.Module) -> int:
         children = [c for c in parent.children() if isinstance(c, PackedLinear)]
         if isinstance(parent, PackedLinear) or not children:
             continue
-        if not all(c.policy in cpu_int8.INT8_POLICIES and c.packed.device.type == "cpu" for c in children):
+        if not all(c.policy == "int8" and c.packed.device.type == "cpu" for c in children):
             continue
         for child in children:
             child.traced_int8 = True
