@@ -14,7 +14,6 @@ from random_models import random_micro
 
 from terdit.deploy import PackedLinear, cpu_int8, export_model, load_deployed, set_policy
 from terdit.deploy import kernels as seam
-from terdit.deploy.packed_linear import PackedFeedForward
 from terdit.models.configs import get_config
 from terdit.models.terdit import FeedForward
 from terdit.quant.bitnet import quantize_activations
@@ -98,7 +97,8 @@ def test_integer_accumulation_is_exact(fmt, policy, monkeypatch):
 
 
 def test_block_paths_match_reference():
-    """PackedFeedForward quantizes x once for w1 and w3 and the fp32 SwiGLU product for w2."""
+    """The model's own FeedForward over packed layers (module swap): w1 and w3 quantize x, w2 the SwiGLU
+    product (fp32 here), each per token, as the reference does."""
     torch.manual_seed(0)
     dim, hidden = 48, 96
     layers = {}
@@ -108,7 +108,7 @@ def test_block_paths_match_reference():
     ff = FeedForward.__new__(FeedForward)
     torch.nn.Module.__init__(ff)
     ff.w1, ff.w2, ff.w3 = layers["w1"], layers["w2"], layers["w3"]
-    block = PackedFeedForward(ff)
+    block = ff
     x = torch.randn(2, 5, dim)
     with torch.no_grad():
         y = block(x)
@@ -118,6 +118,40 @@ def test_block_paths_match_reference():
 
     h = F.silu(ref("w1", x)) * ref("w3", x)
     torch.testing.assert_close(y.double(), ref("w2", h), rtol=1e-5, atol=1e-5 * float(y.abs().max()))
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference"])
+def test_layers_on_one_input_quantize_it_once(mode, monkeypatch):
+    """Sibling layers called on the same tensor (attention's wq, wk, wv) share its int8 tokens; another tensor,
+    or (outside inference mode) an in-place change of the same one, is quantized again."""
+    from terdit.deploy.packed_linear import Scratch
+
+    scratch = Scratch()
+    layers = []
+    for seed in range(3):
+        layer, _ = make_layer("2bit", 24, 40, "int8", seed=seed, bias=False)
+        layer.scratch = scratch
+        layers.append(layer)
+    calls = []
+    real = cpu_int8.quant_fn
+    monkeypatch.setattr(cpu_int8, "quant_fn", lambda *a: calls.append(1) or real(*a))
+    ctx = torch.inference_mode() if mode == "inference" else torch.no_grad()
+    with ctx:
+        x = torch.randn(2, 5, 40)
+        ys = [w(x) for w in layers]
+        assert len(calls) == 1
+        for w, y in zip(layers, ys):  # each equals the layer on its own (fresh tokens)
+            scratch.tokens.clear()
+            assert torch.equal(w(x), y)
+        calls.clear()
+        layers[0](x.clone())
+        assert len(calls) == 1
+        if mode == "no_grad":
+            x2 = torch.randn(2, 5, 40)
+            layers[0](x2)
+            x2.mul_(2)
+            layers[1](x2)
+            assert len(calls) == 3
 
 
 @pytest.mark.parametrize("why", ["no-int8-cpu", "no-kernels", "float64", "autograd"])
@@ -198,8 +232,9 @@ def test_deployed_model_int8_policies(fmt, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("weights", ["codes", "prepacked"])
 def test_compiled_matches_eager(weights, monkeypatch):
-    """torch.compile of the fused units gives the eager values (one tiny SwiGLU, compiled once), with int8
-    codes (torch._int_mm) and with oneDNN-prepacked weights behind the terdit::qlinear_u8 op."""
+    """torch.compile of the integer path's units (quantize; multiply and scale) gives the eager values (one tiny
+    SwiGLU, compiled once), with int8 codes (torch._int_mm) and with oneDNN-prepacked weights behind the
+    terdit::qlinear_u8 op."""
     torch.manual_seed(1)
     x = torch.randn(6, 32).bfloat16()
     codes = [torch.randint(-1, 2, s, dtype=torch.int8) for s in ((64, 32), (64, 32), (32, 64))]
@@ -209,12 +244,22 @@ def test_compiled_matches_eager(weights, monkeypatch):
             pytest.skip("no oneDNN")
         keep = [cpu_int8.prepack(c) for c in codes]
         codes = [handle for _, handle in keep]
-    eager = cpu_int8.swiglu_fn(x, codes, alphas)
+
+    def swiglu(call):
+        (c1, c3, c2), (a1, a3, a2) = codes, alphas
+        unsigned = c1.dtype == torch.int64
+        q, scale = call(cpu_int8.quant_fn, x, unsigned)
+        h = F.silu(call(cpu_int8.mm_fn, q, scale, c1, a1, None, x.dtype))
+        h = h * call(cpu_int8.mm_fn, q, scale, c3, a3, None, x.dtype)
+        q2, scale2 = call(cpu_int8.quant_fn, h, unsigned)
+        return call(cpu_int8.mm_fn, q2, scale2, c2, a2, None, x.dtype)
+
+    eager = swiglu(lambda fn, *args: fn(*args))
     monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
     if not cpu_int8.compile_enabled():
         pytest.skip("torch.compile failed earlier in this process")
     with torch.inference_mode():
-        compiled = cpu_int8.run(cpu_int8.swiglu_fn, x, codes, alphas)
+        compiled = swiglu(cpu_int8.run)
     if not cpu_int8.compile_enabled():
         pytest.skip("torch.compile is not available here (the eager path ran)")
     torch.testing.assert_close(compiled.float(), eager.float(), rtol=1e-2, atol=1e-2 * float(eager.abs().max()))
@@ -268,3 +313,40 @@ def test_act_bits_model_is_what_the_integer_path_computes(tmp_path):
         return float((a - qat).norm() / qat.norm())
 
     assert rel(int8) < 1e-3 and rel(exact) > 10 * rel(int8), (rel(int8), rel(exact))
+
+
+def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
+    """compile_int8_ (what load_deployed does for "int8"): attention, FFN and adaLN compiled around their packed
+    layers, so Inductor shares the quantization of one input, compute what the per-layer units compute."""
+    from terdit.diffusion.guidance import guided_model_fn
+
+    model = random_micro(seed=5)
+    export_model(model, tmp_path / "dep", "2bit")
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    y, t = torch.tensor([1, 4]), torch.tensor([10, 700])
+
+    def run(m):
+        with torch.inference_mode():
+            return guided_model_fn(m, y, 2.0, null_class=cfg.num_classes)(x, t)
+
+    def compiled(m):
+        return [n for n, mod in m.named_modules() if getattr(mod._compiled_call_impl, "terdit_int8", False)]
+
+    eager = load_deployed(tmp_path / "dep", policy="int8")  # TERDIT_CPU_COMPILE=0: per-layer, eager
+    assert compiled(eager) == []
+    per_layer = run(eager)
+    monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
+    if not cpu_int8.compile_enabled():
+        pytest.skip("torch.compile failed earlier in this process")
+    dep = load_deployed(tmp_path / "dep", policy="int8")
+    assert sorted(compiled(dep)) == sorted(
+        f"layers.{i}.{m}" for i in range(cfg.depth) for m in ("attention", "feed_forward", "adaLN_modulation")
+    )
+    out = run(dep)
+    if not cpu_int8.compile_enabled():
+        pytest.skip("torch.compile is not available here (the eager path ran)")
+    torch.testing.assert_close(out, per_layer, rtol=1e-4, atol=1e-4 * float(per_layer.abs().max()))
+    set_policy(dep, "memory")  # leaving int8 drops the compiled parents
+    assert compiled(dep) == [] and not any(getattr(m, "traced_int8", False) for m in dep.modules())

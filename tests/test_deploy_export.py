@@ -184,10 +184,9 @@ def test_memory_policy_row_blocks(tmp_path, fmt):
     for m in layers:
         m.scratch_limit = 7 * m.packed.shape[1] * (4 if fmt == "2bit" else 5) * 4  # 7 rows (uneven blocks)
     assert all(m._row_block(torch.float32) == 7 for m in layers)
-    # so attention runs by groups of heads and the FFN by blocks of hidden units (not the fallback)
-    block = dep.layers[0]
-    assert block.attention.heads_per_block(torch.float32) < model.config.n_heads
-    assert block.feed_forward.hidden_block(torch.float32) < model.config.ffn_hidden
+    # packing is a module swap: the blocks are the model's own classes, only their linears are packed
+    attention = dep.layers[0].attention
+    assert type(attention).__name__ == "Attention" and isinstance(attention.wq, PackedLinear)
     layers[0].scratch.clear()
     with torch.no_grad():
         out = dep(x, t, y).sample

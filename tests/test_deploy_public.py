@@ -98,7 +98,7 @@ def test_release_loads_and_matches_independent_decode(tmp_path):
     state, ref = write_terdit_release(tmp_path / "rel")
     model = load_deployed(tmp_path / "rel")
     assert model.config.qk_norm and model.config.input_size == 8 and model.config.num_classes == 10
-    assert model.deploy_info["label_permutation"] == "lexicographic"
+    assert model.deploy.label_permutation == "lexicographic"
     x, t, y = inputs()
     with torch.no_grad():  # the model takes ImageNet ids and maps them to its own class order itself
         assert torch.equal(model(x, t, y).sample, ref(x, t, release_order(y)).sample)
@@ -154,7 +154,7 @@ def test_large_dit_release(tmp_path):
     torch.save(ref.state_dict(), root / "consolidated_ema.00-of-01.pth")
     model = load_deployed(root)
     assert not model.config.ternary and not model.config.adaln_norm
-    assert model.deploy_info["label_permutation"] is None and model.deploy_info["format"] == "fp"
+    assert model.deploy.label_permutation is None and model.deploy.format == "fp"
     x, t, y = inputs()
     with torch.no_grad():
         assert torch.equal(model(x, t, y).sample, ref(x, t, y).sample)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from terdit.deploy.export import check_deploy_out, export_model
+from terdit.deploy.export import check_deploy_out, write_deploy_dir
 from terdit.deploy.loader import load_deployed
 from terdit.deploy.public import is_release_dir
 from terdit.errors import TerditError
@@ -32,12 +32,5 @@ def convert_release(
         )
     if ternary and fmt == "fp":
         raise TerditError(f"{src}: a ternary release converts to '2bit' or 'base3'")
-    dtype = dtype or model.deploy_info["dtype"]
-    return export_model(
-        model,
-        out,
-        fmt,
-        dtype,
-        source=model.deploy_info["source"],
-        label_permutation=model.deploy_info["label_permutation"],
-    )
+    # the release's own storage dtype, source and class order carry over (from model.deploy)
+    return write_deploy_dir(model, out, fmt, dtype)

@@ -23,11 +23,11 @@ Two PackedLinear policies use it (`register_kernel(fmt, "cpu", ..., policy)`):
 
 A call the path does not take (autograd recording with an input that needs grad, a dtype other than
 fp32 / bf16 / fp16, a CPU without int8 dot products, TERDIT_NO_KERNELS=1) returns None and the layer runs
-the exact float path (unpack, F.linear). PackedAttention and PackedFeedForward quantize their input once
-for the projections that share it (wq, wk, wv; w1, w3), and the FFN's w2 input is quantized straight
-from the fp32 SwiGLU product, without a rounding to the compute dtype in between. Each of these units
-runs through torch.compile (Inductor fuses the quantization, output scaling and SwiGLU into a few loops
-around the int8 matmuls; eager PyTorch spent ~80% on top of the matmuls in separate passes), compiled
+the exact float path (unpack, F.linear). Each layer is its own unit (packing is a module swap; the model's
+blocks keep their forward): layers called one after the other on the same input (wq, wk, wv; w1, w3) quantize
+it once (`SharedTokens`), and the SwiGLU product reaching w2 is the model's own, in the compute dtype. The
+quantization and the matmul with its output scaling run through torch.compile (Inductor fuses each into a
+loop or two around the int8 matmul; eager PyTorch spent ~80% on top of the matmuls in separate passes), compiled
 once per shape on first use; TERDIT_CPU_COMPILE=0, or a failed compile, runs the same functions eagerly.
 """
 
@@ -148,27 +148,55 @@ def _mm(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tens
     return y if bias is None else y + bias.float()
 
 
-# The three shapes of work, as pure functions of tensors so that torch.compile can fuse each one's
-# quantization and output scaling around the int8 matmuls (Inductor calls _int_mm as an external kernel).
-def linear_fn(x2: torch.Tensor, codes: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """One layer: quantize [rows, K], multiply, scale, in x2's dtype."""
-    q, scale = _quant(x2, codes.dtype == torch.int64)
-    return _mm(q, scale, codes, alpha, bias).to(x2.dtype)
+# The integer path's two units, as pure functions of tensors so that torch.compile can fuse each one's
+# quantization and output scaling around the int8 matmul (Inductor calls _int_mm as an external kernel).
+def quant_fn(x2: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize the input [rows, K] -> (q, scale) (once per input that several layers share)."""
+    return _quant(x2, unsigned)
 
 
-def shared_input_fn(x2: torch.Tensor, codes: list[torch.Tensor], alphas: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Several bias-free layers on one input (attention's wq, wk, wv): quantized once."""
-    q, scale = _quant(x2, codes[0].dtype == torch.int64)
-    return [_mm(q, scale, c, a).to(x2.dtype) for c, a in zip(codes, alphas)]
+def mm_fn(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
+          dtype: torch.dtype) -> torch.Tensor:
+    """Quantized tokens times the codes, scaled (+ bias), in the compute `dtype`."""
+    return _mm(q, scale, w, alpha, bias).to(dtype)
 
 
-def swiglu_fn(x2: torch.Tensor, codes: list[torch.Tensor], alphas: list[torch.Tensor]) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x), bias-free: x quantized once for w1 and w3, the product quantized from fp32."""
-    (c1, c3, c2), (a1, a3, a2) = codes, alphas
-    q, scale = _quant(x2, c1.dtype == torch.int64)
-    h = torch.nn.functional.silu(_mm(q, scale, c1, a1)) * _mm(q, scale, c3, a3)
-    q2, scale2 = _quant(h, c2.dtype == torch.int64)
-    return _mm(q2, scale2, c2, a2).to(x2.dtype)
+class SharedTokens:
+    """The last input the integer path quantized, kept for the next layer called with the same tensor.
+
+    Layers that read one input (attention's wq, wk, wv; SwiGLU's w1, w3) are called one after the other on the
+    same tensor object; the first quantizes it and the others reuse its int8 tokens, which is what quantizing
+    once for the group did when the blocks were packed subclasses (attention took 13% longer at 600M without
+    it). The entry matches only the same tensor object with the same storage, shape, strides and dtype, and,
+    outside inference mode, the same version counter (an in-place change invalidates it). Inference tensors have
+    no version counter: a module that changes a linear's input in place *between two packed layers* under
+    torch.inference_mode would reuse stale tokens (terdit's and diffusers' blocks never do; for such a module
+    call `clear` or use another policy).
+    """
+
+    def __init__(self) -> None:
+        # (weak reference to the input, its key, (q, scale)), replaced as a whole: one read sees one entry,
+        # so threads sharing a model never pair one input with another's tokens
+        self._entry: tuple[weakref.ref[torch.Tensor], tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @staticmethod
+    def key(x: torch.Tensor, unsigned: bool) -> tuple:
+        version = None if x.is_inference() else x._version
+        return (unsigned, x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, version)
+
+    def get(self, x: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q, scale) of `x` [..., K], quantized now unless the last call quantized this very tensor."""
+        key = self.key(x, unsigned)
+        entry = self._entry
+        if entry is not None and entry[0]() is x and entry[1] == key:
+            return entry[2]
+        self._entry = None  # the old tokens go before the new ones are made
+        tokens = run(quant_fn, x.reshape(-1, x.shape[-1]), unsigned)
+        self._entry = (weakref.ref(x), key, tokens)
+        return tokens
+
+    def clear(self) -> None:
+        self._entry = None
 
 
 _COMPILED: dict[Callable, Callable] = {}
@@ -181,9 +209,36 @@ def compile_enabled() -> bool:
     return os.environ.get("TERDIT_CPU_COMPILE", "1") != "0" and not _compile_failed
 
 
+def compile_failed(e: Exception) -> None:
+    """Switch torch.compile off for the integer path in this process, with one warning."""
+    global _compile_failed
+    _compile_failed = True
+    warnings.warn(f"terdit: torch.compile failed for the CPU integer path, running eagerly "
+                  f"({type(e).__name__}: {str(e)[:200]})", stacklevel=3)
+
+
+def traced_kernel(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor | None:
+    """The integer path as plain tensor code, for a layer traced inside its compiled parent
+    (`terdit.deploy.packed_linear.compile_int8_`, which checked the CPU and settings); None where this call is
+    not for it (policy, device, dtype, autograd, weights not prepared), and the layer's usual path runs."""
+    prepacked = layer._prepacked
+    w = prepacked[1] if prepacked is not None else layer._cached
+    if (
+        layer.policy != "int8"
+        or w is None
+        or w.dtype not in (torch.int64, torch.int8)
+        or x.device.type != "cpu"
+        or x.dtype not in FLOAT_DTYPES
+        or (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        return None
+    q, scale = _quant(x.reshape(-1, layer.in_features), w.dtype == torch.int64)
+    y = _mm(q, scale, w, layer.alphas, layer.bias).to(x.dtype)
+    return y.view(*x.shape[:-1], layer.out_features)
+
+
 def run(fn: Callable, *args):
     """fn(*args), through torch.compile where enabled (each shape compiles once, on first use), else eager."""
-    global _compile_failed
     if compile_enabled():
         compiled = _COMPILED.get(fn)
         if compiled is None:
@@ -191,9 +246,7 @@ def run(fn: Callable, *args):
         try:
             return compiled(*args)
         except Exception as e:  # the eager function computes the same values
-            _compile_failed = True
-            warnings.warn(f"terdit: torch.compile failed for the CPU integer path, running eagerly "
-                          f"({type(e).__name__}: {str(e)[:200]})", stacklevel=2)
+            compile_failed(e)
     return fn(*args)
 
 
@@ -252,10 +305,13 @@ def layer_codes(*layers: PackedLinear) -> list[torch.Tensor]:
 
 
 def int8_kernel(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor | None:
-    """The `register_kernel` entry for the int8 policies: the integer path, or None (exact float path)."""
+    """The `register_kernel` entry for the int8 policies: the integer path, or None (exact float path).
+    The input's quantization is shared with the next layer called on the same tensor (`SharedTokens`)."""
     if not accepts(layer, x):
         return None
-    y = run(linear_fn, x.reshape(-1, layer.in_features), layer_codes(layer)[0], layer.alphas, layer.bias)
+    codes = layer_codes(layer)[0]
+    q, scale = layer.scratch.tokens.get(x, codes.dtype == torch.int64)
+    y = run(mm_fn, q, scale, codes, layer.alphas, layer.bias, x.dtype)
     return y.view(*x.shape[:-1], layer.out_features)
 
 
@@ -273,6 +329,7 @@ def enable_cpu_int8(formats: tuple[str, ...] = FORMATS) -> list[str]:
 __all__ = [
     "INT8_POLICIES",
     "QuantizedTokens",
+    "SharedTokens",
     "accepts",
     "compile_enabled",
     "dequantize_tokens",
@@ -280,10 +337,10 @@ __all__ = [
     "has_int8_dot",
     "int8_kernel",
     "layer_codes",
-    "linear_fn",
     "quantize_tokens",
     "run",
-    "shared_input_fn",
-    "swiglu_fn",
+    "traced_kernel",
+    "mm_fn",
+    "quant_fn",
     "unpack_codes_into",
 ]

@@ -1,8 +1,9 @@
 """Write a deploy directory from a model: packed ternary codes, per-layer alpha, full-precision rest.
 
 Works for a QAT model (TernaryLinear: codes from `ternarize` of the latent weight, exactly as its forward
-computes them), for a model loaded with `load_deployed` (PackedLinear: its stored codes, so
-packed -> model -> packed is bit-exact), and with format "fp" for full-precision models.
+computes them), for a model loaded with `load_deployed` or packed with `pack_` (PackedLinear: its stored
+codes, so packed -> model -> packed is bit-exact), and with format "fp" for full-precision models.
+`write_deploy_dir` is the one writer: export, convert and save_pretrained of a packed model all go through it.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from torch import nn
 
 from terdit.defaults import dtype_name, parse_dtype
 from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, write_config
-from terdit.deploy.packed_linear import PackedLinear
+from terdit.deploy.packed_linear import PackedLinear, ternary_codes
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, check_output, clean_leftovers, save_tensors
 from terdit.models.configs import TerDiTConfig
 from terdit.quant.int8 import SCALE_SUFFIX, int8_eligible, quantize_rows
 from terdit.quant.packing import FORMATS, pack_codes, padding
-from terdit.quant.ternary import TernaryLinear, ternarize
+from terdit.quant.ternary import TernaryLinear
 
 PACKED_SUFFIXES = ("weight", "alphas", "bias", "packed")
 
@@ -31,15 +32,11 @@ def packed_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, (TernaryLinear, PackedLinear))}
 
 
-@torch.no_grad()
 def layer_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes [out, in], float32 alpha [1]) of a ternary layer, as its forward uses them."""
-    if isinstance(layer, TernaryLinear):
-        codes, _ = ternarize(layer.weight.detach(), layer.granularity)
-        return codes.to(torch.int8), layer.alphas.detach().float().reshape(1)
-    if isinstance(layer, PackedLinear):
-        return layer.codes(), layer.alphas.detach().float().reshape(1)
-    raise TypeError(f"not a ternary layer: {type(layer).__name__}")
+    if not isinstance(layer, (TernaryLinear, PackedLinear)):
+        raise TypeError(f"not a ternary layer: {type(layer).__name__}")
+    return ternary_codes(layer)
 
 
 @torch.no_grad()
@@ -97,34 +94,69 @@ def export_model(
 
     `dtype` is the storage dtype of the full-precision tensors; alphas stay float32 and codes are exact.
     `int8`: store the large full-precision matrices as int8 rows (terdit.quant.int8; lossy, smaller).
+    A loaded deploy model keeps its class order (`label_permutation` None); its source is replaced by `source`.
     """
-    dt = parse_dtype(dtype)
-    if label_permutation is None:  # a re-exported release keeps its class order
-        label_permutation = (getattr(model, "deploy_info", None) or {}).get("label_permutation")
+    return write_deploy_dir(model, out, fmt, dtype, source=dict(source or {}),
+                            label_permutation=label_permutation, int8=int8)
+
+
+def write_deploy_dir(
+    model: nn.Module,
+    directory: str | Path,
+    fmt: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    source: dict[str, Any] | None = None,
+    label_permutation: str | None = None,
+    int8: bool | None = None,
+    replace: bool = True,
+) -> Path:
+    """The one deploy writer: `model` (with a `.config` TerDiTConfig) -> config.json + model.safetensors.
+
+    Every fact left None comes from the model's own `deploy` (a model loaded with `load_deployed`): format,
+    storage dtype, source, label permutation and whether large float matrices are int8 rows; a QAT model
+    has none, so it needs `fmt` (dtype then defaults to fp32). `replace`: build the directory aside and swap
+    it in (export, convert); otherwise write the two files into `directory`, which may hold other files
+    (save_pretrained, which adds a model card).
+    """
+    current: DeployInfo | None = getattr(model, "deploy", None)
+    fmt = fmt or (current.format if current else None)
+    if fmt is None:
+        raise TerditError("no deploy format given and the model has none (choose 2bit, base3 or fp)")
+    dt = parse_dtype(dtype or (current.dtype if current else "fp32"))
+    if int8 is None:
+        int8 = bool(current and current.int8_rows)
     tensors, table, int8_keys = deploy_tensors(model, fmt, dt, int8)
     info = DeployInfo(
         format=fmt,
         dtype=dtype_name(dt),
         packed=table,
         int8_rows=int8_keys,
-        label_permutation=label_permutation,
-        source=dict(source or {}),
+        label_permutation=label_permutation or (current.label_permutation if current else None),
+        source=dict(source if source is not None else (current.source if current else {})),
     )
-    return write_deploy(out, model.config, info, tensors)
+    if replace:
+        return write_deploy(directory, model.config, info, tensors)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_deploy_files(directory, model.config, info, tensors)
+    return directory
 
 
 def write_deploy(
     out: str | Path, config: TerDiTConfig, info: DeployInfo, tensors: dict[str, torch.Tensor]
 ) -> Path:
     """Write config.json and model.safetensors into a new directory `out`, atomically."""
+    return atomic_dir(out, lambda tmp: write_deploy_files(tmp, config, info, tensors))
 
-    def fill(tmp: Path) -> None:
-        save_tensors(
-            tmp / WEIGHTS_FILE, tensors, metadata={"format": info.format, "terdit_deploy": str(info.version)}
-        )
-        write_config(tmp, config, info)
 
-    return atomic_dir(out, fill)
+def write_deploy_files(directory: Path, config: TerDiTConfig, info: DeployInfo, tensors: dict[str, torch.Tensor]
+                       ) -> None:
+    """model.safetensors, then config.json (each atomically) into the existing `directory`."""
+    save_tensors(
+        directory / WEIGHTS_FILE, tensors, metadata={"format": info.format, "terdit_deploy": str(info.version)}
+    )
+    write_config(directory, config, info)
 
 
 def check_deploy_out(out: str | Path, src: str | Path, overwrite: bool) -> Path:

@@ -22,9 +22,10 @@ from torch import nn
 from terdit.defaults import dtype_name, parse_dtype
 from terdit.deploy.export import deploy_tensors
 from terdit.deploy.format import WEIGHTS_FILE
-from terdit.deploy.packed_linear import PackedLinear, Scratch
+from terdit.deploy.packed_linear import pack_
 from terdit.errors import TerditError
 from terdit.io import atomic_dir, atomic_write_text, load_tensors, read_json, save_tensors
+from terdit.quant.module_swap import names_filter
 from terdit.quant.packing import disk_to_rows
 
 CONFIG_FILE = "config.json"
@@ -68,18 +69,14 @@ def load_foreign(path: str | Path, device: str | torch.device = "cpu", dtype: to
         raise TerditError(f"{path}/{CONFIG_FILE}: diffusers has no model class {config.get('_class_name')!r}")
     fmt, layers = info.get("format"), info.get("packed") or {}
     model = cls.from_config(config)
-    scratch = Scratch()
     for name, entry in layers.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise TerditError(f"{path}/{PACKED_FILE}: {name} is not a layer of {cls.__name__}") from None
-        out_f, in_f = entry["shape"]
-        if not isinstance(old, nn.Linear) or (old.out_features, old.in_features) != (out_f, in_f):
+        if not isinstance(old, nn.Linear) or [old.out_features, old.in_features] != list(entry["shape"]):
             raise TerditError(f"{path}/{PACKED_FILE}: {name} does not match {cls.__name__}'s layer")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                PackedLinear(in_f, out_f, old.bias is not None, fmt, policy, scratch))
+    pack_(model, fmt, policy=policy, filter_fn=names_filter(layers))
     state = load_tensors(path / WEIGHTS_FILE)
     for name, entry in layers.items():
         key = f"{name}.weight"

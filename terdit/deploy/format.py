@@ -20,7 +20,7 @@ from typing import Any
 
 from terdit.defaults import parse_dtype
 from terdit.errors import TerditError
-from terdit.io import read_json
+from terdit.io import atomic_write_text, read_json
 from terdit.models.configs import TerDiTConfig
 from terdit.quant.packing import FORMATS
 
@@ -59,7 +59,7 @@ class DeployInfo:
 
 def write_config(directory: Path, config: TerDiTConfig, info: DeployInfo) -> None:
     payload = {**config.to_dict(), "deploy": info.to_dict()}
-    (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
 
 
 def is_deploy_dir(path: str | Path) -> bool:

@@ -1,6 +1,6 @@
 """`load_deployed`: a deploy directory or a public release -> a TerDiT ready for sampling.
 
-The model is built on the meta device, its ternary layers are swapped for PackedLinear, and only then
+The model is built on the meta device, its ternary layers are swapped for PackedLinear (`pack_`), and only then
 is memory allocated: packed bytes for the ternary layers, the compute dtype for the rest. Tensors are
 read one at a time straight into their final buffers, so a 4.2B model never holds its full-precision
 weights (nor a second copy of the file) in memory.
@@ -22,10 +22,9 @@ from terdit.defaults import parse_dtype
 from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, is_deploy_dir, read_config
 from terdit.deploy.packed_linear import (
     POLICIES,
-    PackedAttention,
-    PackedFeedForward,
     PackedLinear,
-    Scratch,
+    compile_int8_,
+    pack_,
     reserve_scratch,
     warm_cache,
 )
@@ -35,6 +34,7 @@ from terdit.errors import TerditError
 from terdit.models.configs import TerDiTConfig
 from terdit.models.terdit import TerDiT
 from terdit.quant.int8 import SCALE_SUFFIX, dequantize_rows
+from terdit.quant.module_swap import names_filter
 from terdit.quant.packing import FORMATS, check_rows, disk_to_rows, packed_shape, padding
 
 
@@ -52,27 +52,12 @@ class TensorSource(Protocol):
 def build_model(
     config: TerDiTConfig, fmt: str, device: torch.device | str, dtype: torch.dtype, policy: str = "memory"
 ) -> TerDiT:
-    """An uninitialised TerDiT whose ternary layers are PackedLinear (for a packed `fmt`)."""
+    """An uninitialised TerDiT whose ternary layers are PackedLinear (for a packed `fmt`): built on the meta
+    device, packed by module swap (`pack_`), then given memory on `device`."""
     with torch.device("meta"):
         model = TerDiT(config).to(dtype)
     if fmt in FORMATS:
-        scratch = Scratch()
-        for name, layer in list(model.ternary_layers().items()):
-            packed = PackedLinear(
-                layer.in_features,
-                layer.out_features,
-                layer.bias is not None,
-                fmt,
-                policy,
-                scratch,
-                device="meta",
-                dtype=dtype,
-            )
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, packed)
-        for block in model.layers:  # same submodule names, so the same state-dict keys
-            block.attention = PackedAttention(block.attention)
-            block.feed_forward = PackedFeedForward(block.feed_forward)
+        pack_(model, fmt, policy=policy, filter_fn=names_filter(model.ternary_layers()))
     return materialize_empty(model, device)
 
 
@@ -186,8 +171,9 @@ def load_deployed(
     """A deploy directory (`terdit export` / `convert`) or a public release directory -> TerDiT, eval mode.
 
     Ternary layers stay packed (see PackedLinear for `policy`: "memory" or "speed"); everything else is
-    in `dtype`. The model has TerDiT's forward(x, t, y), plus `deploy_info` (the deploy section: format,
-    label permutation, source) for `map_labels`.
+    in `dtype`. The model has TerDiT's forward(x, t, y), plus `deploy`, its typed deploy facts (a
+    `DeployInfo`: format, dtype, label permutation, source, packed table), which the model card and
+    `write_deploy_dir` read.
     """
     if policy not in POLICIES:
         raise TerditError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -210,7 +196,7 @@ def load_deployed(
         raise TerditError(f"{path}: format {info.format!r} does not fit a model with linear={config.linear!r}")
     model = build_model(config, info.format, device, dt, policy)
     fill_model(model, source, info)
-    model.deploy_info = info.to_dict()
+    model.deploy = info
     model.register_to_config(label_permutation=info.label_permutation)  # forward maps ImageNet ids itself
     model.eval().requires_grad_(False)
     release_free_heap()
@@ -220,6 +206,8 @@ def load_deployed(
     if policy in ("speed", "int8"):
         warm_cache(model, dt)
         release_free_heap()  # the unpacking's temporaries
+        if policy == "int8":
+            compile_int8_(model)  # attention / FFN / adaLN compile on first call, around their packed layers
     else:
         reserve_scratch(model, dt)
     return model

@@ -38,7 +38,7 @@ def load_source_model(src: str | Path, ema: bool = True) -> tuple[TerDiT, dict, 
         model = open_model(src, policy="memory")
         if model.config.ternary:
             raise TerditError(f"{src}: already ternary; PTQ applies to full-precision models")
-        return model, dict(model.deploy_info["source"], deploy_dir=str(src.resolve())), "0000000"
+        return model, dict(model.deploy.source, deploy_dir=str(src.resolve())), "0000000"
     raise TerditError(f"{src}: not a run folder, deploy directory or release directory")
 
 

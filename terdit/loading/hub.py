@@ -11,7 +11,6 @@ TerditError at once, not huggingface_hub's minute of retries.
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
@@ -31,7 +30,6 @@ from huggingface_hub.utils import (  # huggingface_hub.utils: the errors' home i
 
 from terdit.errors import TerditError
 from terdit.io import follow_umask
-from terdit.loading.kinds import CONFIG_FILE, DEPLOY_WEIGHTS
 from terdit.loading.modelcard import model_card
 
 HUB_TIMEOUT = 3.0  # seconds to reach the Hub (TCP connect, DNS included) before treating it as offline
@@ -151,7 +149,7 @@ class TerDiTHubMixin:
 
         out = Path(save_directory)
         start = time.time()
-        if getattr(self, "deploy_info", None):
+        if getattr(self, "deploy", None) is not None:
             if kwargs.get("variant") or kwargs.get("safe_serialization") is False:
                 raise TerditError("a packed model saves as a deploy directory: variant and .bin do not apply")
             out.mkdir(parents=True, exist_ok=True)
@@ -177,20 +175,10 @@ class TerDiTHubMixin:
 
 
 def _save_deploy(model: Any, directory: Path) -> None:
-    """config.json with its "deploy" section + model.safetensors with the packed layers."""
-    from terdit.defaults import parse_dtype
-    from terdit.deploy.export import deploy_tensors
-    from terdit.deploy.format import DeployInfo
-    from terdit.io import atomic_write_text, save_tensors
+    """config.json with its "deploy" section + model.safetensors with the packed layers (the one deploy writer)."""
+    from terdit.deploy.export import write_deploy_dir
 
-    deploy = DeployInfo(**model.deploy_info)
-    tensors, table, int8_keys = deploy_tensors(model, deploy.format, parse_dtype(deploy.dtype),
-                                               int8=bool(deploy.int8_rows))
-    deploy.packed, deploy.int8_rows = table, int8_keys
-    save_tensors(directory / DEPLOY_WEIGHTS, tensors,
-                 metadata={"format": deploy.format, "terdit_deploy": str(deploy.version)})
-    payload = {**model.config.to_dict(), "deploy": deploy.to_dict()}
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(payload, indent=2) + "\n")
+    write_deploy_dir(model, directory, replace=False)
 
 
 __all__ = ["HUB_TIMEOUT", "TerDiTHubMixin", "hub_file", "hub_reachable", "hub_snapshot", "is_offline"]

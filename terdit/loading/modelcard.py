@@ -18,7 +18,7 @@ def model_card(model: Any) -> str:
     """Markdown with YAML front matter: architecture, parameter counts, bits per weight, training, usage."""
     cfg = model.config
     counts = model.parameter_counts()
-    deploy = getattr(model, "deploy_info", None) or {}
+    deploy = model.deploy.to_dict() if getattr(model, "deploy", None) is not None else {}
     train = getattr(model, "training_info", None) or {}
     kind = {"ternary": "TerDiT (ternary block linears)", "bitnet": "BitNet b1.58 block linears",
             "fp": "Large-DiT (full precision)"}[cfg.linear]
