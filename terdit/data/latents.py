@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from terdit.data.base import flip_decision, item_hash
 from terdit.data.images import SHOW_SKIPPED, ImageIndex, _warn, load_image_array, scan_image_folder, to_tensor
 from terdit.data.vae import VAE, load_vae
-from terdit.distributed import join_process_group
+from terdit.distributed import DistInfo, join_group
 from terdit.errors import TerditError
 from terdit.io import atomic_write_text, clean_leftovers, locked, save_tensors
 
@@ -118,51 +118,15 @@ def _shard_done(out: Path, k: int, settings: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------ processes
 
 
-class _Dist:
-    """The process group for extraction: torchrun's when launched by it, else a single process."""
-
-    def __init__(self, device: str | None) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.owned = False
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        if world > 1 and not dist.is_initialized():
-            join_process_group(self.device.type, timeout=datetime.timedelta(hours=12))
-            self.owned = True
-        self.active = dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
-
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.active:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def agree(self, error: str | None) -> None:
-        """Every process learns whether any failed; all raise the first message so none waits forever."""
-        errors = [e for e in self.gather(error) if e]
-        if errors:
-            raise TerditError(errors[0])
-
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
+def _process_group(device: str | None) -> tuple[DistInfo, torch.device]:
+    """The process group for extraction (torchrun's when launched by it, else a single process) and the
+    device this process encodes on (cuda:LOCAL_RANK by default when CUDA is available)."""
+    if device is None:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return join_group(dev.type, timeout=datetime.timedelta(hours=12)), dev
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -360,7 +324,7 @@ def extract_latents(
     if shard_size < 1 or batch_size < 1:
         raise TerditError("--shard-size and --batch-size must be positive")
     out = Path(out)
-    d = _Dist(device)
+    d, dev = _process_group(device)
     hold = contextlib.ExitStack()
     existed = out.exists()
     try:
@@ -381,8 +345,8 @@ def extract_latents(
 
         error = None
         try:
-            model = vae if isinstance(vae, VAE) else load_vae(vae, d.device, dtype)
-            model.to(d.device)
+            model = vae if isinstance(vae, VAE) else load_vae(vae, dev, dtype)
+            model.to(dev)
             settings = _settings(index, model, resolution, flip, vae_mode, seed, store_dtype, shard_size)
             if d.rank == 0:
                 _check_existing(out, settings)
@@ -398,7 +362,7 @@ def extract_latents(
         out.mkdir(parents=True, exist_ok=True)
 
         n_shards = math.ceil(len(index) / shard_size)
-        mine = [k for k in range(d.rank, n_shards, d.world) if not _shard_done(out, k, settings)]
+        mine = [k for k in range(d.rank, n_shards, d.world_size) if not _shard_done(out, k, settings)]
         if max_shards is not None:
             mine = mine[:max_shards]
         bar = None
@@ -406,7 +370,7 @@ def extract_latents(
             from tqdm import tqdm
 
             todo = sum(min(len(index), (k + 1) * shard_size) - k * shard_size for k in mine)
-            desc = "extract-latents" + (f" (rank 0 of {d.world})" if d.world > 1 else "")
+            desc = "extract-latents" + (f" (rank 0 of {d.world_size})" if d.world_size > 1 else "")
             bar = tqdm(total=todo, desc=desc, unit="img", dynamic_ncols=True)
         error = None
         late: list[str] = []
@@ -418,11 +382,11 @@ def extract_latents(
                     raise TerditError(f"--strict: {index.paths[bad[0][0]]}: {bad[0][1]}")
                 late.extend(f"{index.paths[i]} ({why})" for i, why in bad)
                 meta = {"settings_hash": settings["settings_hash"], "shard": str(k),
-                        "written_by": f"rank {d.rank} of {d.world}",
+                        "written_by": f"rank {d.rank} of {d.world_size}",
                         "skipped": json.dumps(bad), "settings": json.dumps(settings)}
                 save_tensors(out / shard_name(k), tensors, metadata=meta)
         except TerditError as e:
-            error = f"rank {d.rank}: {e}" if d.world > 1 else str(e)
+            error = f"rank {d.rank}: {e}" if d.world_size > 1 else str(e)
         finally:
             if bar is not None:
                 bar.close()
