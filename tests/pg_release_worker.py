@@ -24,9 +24,9 @@ if __name__ == "__main__":
         broadcast_object({"rank": info.rank}, info)
         shutdown(info)
     else:
-        from terdit.data.latents import _process_group
+        from terdit.data.latents import _Dist
 
-        d, _ = _process_group("cpu")
+        d = _Dist("cpu")
         import torch._dynamo  # noqa: F401
 
         d.agree(None)

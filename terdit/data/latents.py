@@ -118,15 +118,22 @@ def _shard_done(out: Path, k: int, settings: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------ processes
 
 
-def _process_group(device: str | None) -> tuple[DistInfo, torch.device]:
-    """The process group for extraction (torchrun's when launched by it, else a single process) and the
-    device this process encodes on (cuda:LOCAL_RANK by default when CUDA is available)."""
-    if device is None:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return join_group(dev.type, timeout=datetime.timedelta(hours=12)), dev
+class _Dist(DistInfo):
+    """The process group for extraction (terdit.distributed's: torchrun's when launched by it, else a single
+    process) and the device this process encodes on (cuda:LOCAL_RANK by default when CUDA is available)."""
+
+    def __init__(self, device: str | None) -> None:
+        if device is None:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        info = join_group(self.device.type, timeout=datetime.timedelta(hours=12))
+        super().__init__(info.rank, info.world_size, info.local_rank, info.owned)
+
+    @property
+    def world(self) -> int:
+        return self.world_size
 
 
 # -------------------------------------------------------------------------------------------- writing
@@ -324,7 +331,7 @@ def extract_latents(
     if shard_size < 1 or batch_size < 1:
         raise TerditError("--shard-size and --batch-size must be positive")
     out = Path(out)
-    d, dev = _process_group(device)
+    d = _Dist(device)
     hold = contextlib.ExitStack()
     existed = out.exists()
     try:
@@ -345,8 +352,8 @@ def extract_latents(
 
         error = None
         try:
-            model = vae if isinstance(vae, VAE) else load_vae(vae, dev, dtype)
-            model.to(dev)
+            model = vae if isinstance(vae, VAE) else load_vae(vae, d.device, dtype)
+            model.to(d.device)
             settings = _settings(index, model, resolution, flip, vae_mode, seed, store_dtype, shard_size)
             if d.rank == 0:
                 _check_existing(out, settings)
@@ -362,7 +369,7 @@ def extract_latents(
         out.mkdir(parents=True, exist_ok=True)
 
         n_shards = math.ceil(len(index) / shard_size)
-        mine = [k for k in range(d.rank, n_shards, d.world_size) if not _shard_done(out, k, settings)]
+        mine = [k for k in range(d.rank, n_shards, d.world) if not _shard_done(out, k, settings)]
         if max_shards is not None:
             mine = mine[:max_shards]
         bar = None
@@ -370,7 +377,7 @@ def extract_latents(
             from tqdm import tqdm
 
             todo = sum(min(len(index), (k + 1) * shard_size) - k * shard_size for k in mine)
-            desc = "extract-latents" + (f" (rank 0 of {d.world_size})" if d.world_size > 1 else "")
+            desc = "extract-latents" + (f" (rank 0 of {d.world})" if d.world > 1 else "")
             bar = tqdm(total=todo, desc=desc, unit="img", dynamic_ncols=True)
         error = None
         late: list[str] = []
@@ -382,11 +389,11 @@ def extract_latents(
                     raise TerditError(f"--strict: {index.paths[bad[0][0]]}: {bad[0][1]}")
                 late.extend(f"{index.paths[i]} ({why})" for i, why in bad)
                 meta = {"settings_hash": settings["settings_hash"], "shard": str(k),
-                        "written_by": f"rank {d.rank} of {d.world_size}",
+                        "written_by": f"rank {d.rank} of {d.world}",
                         "skipped": json.dumps(bad), "settings": json.dumps(settings)}
                 save_tensors(out / shard_name(k), tensors, metadata=meta)
         except TerditError as e:
-            error = f"rank {d.rank}: {e}" if d.world_size > 1 else str(e)
+            error = f"rank {d.rank}: {e}" if d.world > 1 else str(e)
         finally:
             if bar is not None:
                 bar.close()
