@@ -32,6 +32,8 @@ import torch
 
 from terdit.cli.args import add_device_args, add_overwrite_arg, nonneg_float, positive_int
 from terdit.data.base import derived_seed
+from terdit.defaults import setting
+from terdit.diffusion.sampler import BACKENDS, resolve_backend
 from terdit.errors import TerditError
 from terdit.io import atomic_write, atomic_write_text, check_output, clean_leftovers, fault_point, locked
 from terdit.models.memory import check_batch_fits
@@ -62,6 +64,9 @@ class MassSampleArgs:
     dtype: str | None = None
     progress: bool = True
     overwrite: bool = False
+    # not part of the samples' settings: every backend gives the same samples
+    backend: str = setting("auto", "sampling loop: auto (a CUDA graph on CUDA, else eager), eager or cuda-graph",
+                           choices=BACKENDS)
 
 
 def num_batches(num_samples: int, batch_size: int) -> int:
@@ -244,6 +249,7 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
 
     _check_args(args)
     dev = resolve_device(args.device)
+    resolve_backend(args.backend, dev)  # a bad backend fails before the model is loaded
     owns_group = not torch.distributed.is_initialized()  # a caller's process group is left alone
     info = init_distributed(dev.type)
     hold = contextlib.ExitStack()
@@ -276,7 +282,7 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
             images = generate(model, map_labels(labels.tolist()), decode=decode, cfg_scale=args.cfg,
                               steps=args.steps, sampler=args.sampler, eta=args.eta,
                               seed=batch_noise_seed(args.seed, b), guide_channels=args.cfg_channels,
-                              dtype=dtype if dtype != torch.float32 else None)
+                              dtype=dtype if dtype != torch.float32 else None, backend=args.backend)
             _write_part(part_path(parts, b), to_uint8(images), labels)
         if max_batches is not None:
             return None
