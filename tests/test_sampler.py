@@ -54,7 +54,10 @@ def fake_cuda_graph(monkeypatch):
         made.append(_FakeGraph(step, static_x, static_z, idx))
         return made[-1]
 
+    import terdit.sampling.pipeline as pipeline  # it checks the backend itself, with the name it imported
+
     monkeypatch.setattr(sm, "resolve_backend", resolve)
+    monkeypatch.setattr(pipeline, "resolve_backend", resolve)
     monkeypatch.setattr(sm, "_capture", capture)
     return made
 
@@ -190,6 +193,36 @@ def test_one_step_helpers_are_the_loops_step():
 class _GuidedStandIn(torch.nn.Module):
     def forward(self, x, t, y, return_dict=False):
         return (torch.cat([x, x], dim=1) * 0.1 + y.view(-1, 1, 1, 1) * 0.01 + t.view(-1, 1, 1, 1) * 1e-4,)
+
+
+def test_pipeline_backends(fake_cuda_graph):
+    """The pipeline's own sampler runs the same loop: cuda-graph equals eager, with a callback and per-image
+    generators; a diffusers scheduler refuses cuda-graph; a bad name is refused by name."""
+    from random_models import random_micro
+
+    from terdit.sampling.pipeline import TerDiTPipeline, diffusers_scheduler
+
+    pipe = TerDiTPipeline(random_micro(0, std=0.02))
+    pipe.set_progress_bar_config(disable=True)
+    seen: dict[str, list] = {"eager": [], "cuda-graph": []}
+
+    def run(backend):
+        def cb(p, i, t, kw):
+            seen[backend].append((i, t))
+            return {"latents": kw["latents"] * 0.5} if i == 1 else {}
+
+        gens = [torch.Generator().manual_seed(k) for k in range(2)]
+        return pipe([1, 2], num_inference_steps=4, generator=gens, output_type="latent", backend=backend,
+                    callback_on_step_end=cb).images
+
+    assert torch.equal(run("cuda-graph"), run("eager"))
+    assert len(fake_cuda_graph) == 1  # the graph backend really ran
+    assert seen["cuda-graph"] == seen["eager"] and [i for i, _ in seen["eager"]] == [0, 1, 2, 3]
+    with pytest.raises(TerditError, match="backend must be"):
+        pipe([1], num_inference_steps=2, output_type="latent", backend="fast")
+    pipe.scheduler = diffusers_scheduler("DDIMScheduler")
+    with pytest.raises(TerditError, match="backend='cuda-graph' runs terdit's own sampler"):
+        pipe([1], num_inference_steps=2, output_type="latent", backend="cuda-graph")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -166,7 +166,8 @@ def _capture(step: Step, static_x: torch.Tensor, static_z: torch.Tensor, idx: to
             step(static_x, idx, static_z, False)
     torch.cuda.current_stream(device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # thread_local: other threads (a training DataLoader's pin-memory thread) may keep using CUDA meanwhile
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
         static_x.copy_(step(static_x, idx, static_z, False))
     return graph
 

@@ -89,7 +89,7 @@ class GaussianDiffusionSampler(SchedulerMixin, ConfigMixin):
 
     A diffusers scheduler class only so that pipelines save, load and swap it like one: its config carries
     TerDiT's training schedule, so `DDIMScheduler.from_config(pipe.scheduler.config)` gets the right betas.
-    The sampling itself is GaussianDiffusion's (TerDiTPipeline runs its steps)."""
+    The sampling itself is GaussianDiffusion.sample, terdit's one sampling loop (with its backends)."""
 
     config_name = SCHEDULER_CONFIG
     order = 1
