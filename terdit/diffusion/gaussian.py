@@ -2,7 +2,9 @@
 
 Linear beta schedule (1e-4 .. 0.02 over 1000 steps), epsilon prediction with a learned-range
 variance, loss = MSE(eps) + the variational bound with the mean detached, timestep respacing,
-ancestral DDPM and DDIM samplers. Schedules are float64 (numpy) and cast per step, as DiT does.
+ancestral DDPM and DDIM steps (`ReverseStep`, the one step function every sampling loop runs; the loop and
+its backends are in terdit.diffusion.sampler). Schedules are float64 (numpy), cast to float32 where used, as
+DiT does (the sampler casts each table once, to the same values).
 """
 
 from __future__ import annotations
