@@ -10,7 +10,7 @@ projection 1024->6*dim on batch x 2 rows. Each is timed as bf16 `F.linear`, as t
 codes, and as the unpack-then-matmul path (`PackedLinear`, memory policy, kernels off); for the adaLN
 rows the skinny and tiled kernels are also timed on their own, to place SKINNY_MAX_M.
 
-End to end: `sample_latents_fast` (CUDA graph) for `--steps` steps with guidance, random weights, three
+End to end: `sample_latents(backend="cuda-graph")` for `--steps` steps with guidance, random weights, three
 models of the same architecture: ternary 2bit + Triton kernels, bf16 (fp linears, adaLN RMSNorm kept),
 and ternary 2bit on the unpack path. Time is wall clock of the whole call (graph capture included, after
 one warm-up call that compiles and autotunes); peak memory is torch.cuda.max_memory_allocated from
@@ -181,7 +181,6 @@ def _ternary_dir(config_name: str, workdir: Path, log=print) -> Path:
 def _run_e2e(variant: str, config_name: str, deploy_dir: Path, batch: int, steps: int) -> dict[str, Any]:
     from terdit.deploy import load_deployed
     from terdit.deploy.triton_kernels import disable_triton_kernels, enable_triton_kernels
-    from terdit.sampling.cuda_graph import sample_latents_fast
     from terdit.sampling.generate import sample_latents
 
     gc.collect()
@@ -197,8 +196,8 @@ def _run_e2e(variant: str, config_name: str, deploy_dir: Path, batch: int, steps
     else:
         enable_triton_kernels("cuda")
     labels = [(207 + 97 * i) % 1000 for i in range(batch)]
-    kwargs = dict(cfg_scale=4.0, seed=0, dtype=torch.bfloat16)
-    sampler = sample_latents if variant == "eager" else sample_latents_fast
+    kwargs = dict(cfg_scale=4.0, seed=0, dtype=torch.bfloat16, backend="eager" if variant == "eager" else "cuda-graph")
+    sampler = sample_latents
     try:
         sampler(model, labels, steps=2, **kwargs)  # compiles and autotunes the kernels
         torch.cuda.synchronize()

@@ -1,13 +1,17 @@
-"""Process-group setup for `torchrun` (NCCL on CUDA, gloo on CPU) and the few collectives training uses."""
+"""The one process-group helper: `torchrun`'s group (NCCL on CUDA, gloo on CPU) and the few collectives that
+training, sample-npz and extract-latents use."""
 
 from __future__ import annotations
 
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from terdit.errors import TerditError
 
 
 @dataclass
@@ -15,6 +19,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owned: bool = False  # this process joined the group (and so leaves it in `close`)
 
     @property
     def is_main(self) -> bool:
@@ -23,6 +28,29 @@ class DistInfo:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every process's `obj`, in rank order (all_gather_object)."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every process."""
+        return broadcast_object(obj, self)
+
+    def agree(self, error: str | None) -> None:
+        """Every process learns whether any failed; all raise the first message, so none waits forever."""
+        errors = [e for e in self.gather(error) if e]
+        if errors:
+            raise TerditError(errors[0])
+
+    def close(self) -> None:
+        """Leave the group if this process joined it (a caller's group is left alone)."""
+        if self.owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def join_process_group(device_type: str, timeout: datetime.timedelta | None = None) -> None:
@@ -50,6 +78,18 @@ def init_distributed(device_type: str) -> DistInfo:
     if device_type == "cuda":
         torch.cuda.set_device(info.local_rank)
     return info
+
+
+def join_group(device_type: str, timeout: datetime.timedelta | None = None) -> DistInfo:
+    """torchrun's group (joined if WORLD_SIZE > 1 and no group exists yet: then `owned`), or a group the
+    caller already made; a single process otherwise. Unlike `init_distributed` it sets no CUDA device."""
+    owned = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        join_process_group(device_type, timeout=timeout)
+        owned = True
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return DistInfo(owned=owned)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owned)
 
 
 def barrier(info: DistInfo) -> None:

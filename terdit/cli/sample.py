@@ -10,8 +10,9 @@ from pathlib import Path
 from terdit.cli.args import add_settings, settings_from
 from terdit.defaults import device_setting, dtype_setting, nonneg_float, overwrite_setting, positive_int, setting
 from terdit.deploy.packed_linear import POLICIES
+from terdit.diffusion.sampler import BACKENDS
 from terdit.errors import TerditError
-from terdit.sampling.npz import BACKENDS, MassSampleArgs
+from terdit.sampling.npz import MassSampleArgs
 
 
 @dataclass

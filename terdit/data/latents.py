@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from terdit.data.base import flip_decision, item_hash
 from terdit.data.images import SHOW_SKIPPED, ImageIndex, _warn, load_image_array, scan_image_folder, to_tensor
 from terdit.data.vae import VAE, load_vae
-from terdit.distributed import join_process_group
+from terdit.distributed import DistInfo, join_group
 from terdit.errors import TerditError
 from terdit.io import atomic_write_text, clean_leftovers, locked, save_tensors
 
@@ -118,51 +118,22 @@ def _shard_done(out: Path, k: int, settings: dict[str, Any]) -> bool:
 # ------------------------------------------------------------------------------------------ processes
 
 
-class _Dist:
-    """The process group for extraction: torchrun's when launched by it, else a single process."""
+class _Dist(DistInfo):
+    """The process group for extraction (terdit.distributed's: torchrun's when launched by it, else a single
+    process) and the device this process encodes on (cuda:LOCAL_RANK by default when CUDA is available)."""
 
     def __init__(self, device: str | None) -> None:
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.owned = False
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if device is None:
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
-        if world > 1 and not dist.is_initialized():
-            join_process_group(self.device.type, timeout=datetime.timedelta(hours=12))
-            self.owned = True
-        self.active = dist.is_initialized() and dist.get_world_size() > 1
-        self.rank = dist.get_rank() if self.active else 0
-        self.world = dist.get_world_size() if self.active else 1
+        info = join_group(self.device.type, timeout=datetime.timedelta(hours=12))
+        super().__init__(info.rank, info.world_size, info.local_rank, info.owned)
 
-    def gather(self, obj: Any) -> list[Any]:
-        if not self.active:
-            return [obj]
-        out: list[Any] = [None] * self.world
-        self.dist.all_gather_object(out, obj)
-        return out
-
-    def broadcast(self, obj: Any) -> Any:
-        if not self.active:
-            return obj
-        box = [obj]
-        self.dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def agree(self, error: str | None) -> None:
-        """Every process learns whether any failed; all raise the first message so none waits forever."""
-        errors = [e for e in self.gather(error) if e]
-        if errors:
-            raise TerditError(errors[0])
-
-    def close(self) -> None:
-        if self.owned:
-            self.dist.destroy_process_group()
+    @property
+    def world(self) -> int:
+        return self.world_size
 
 
 # -------------------------------------------------------------------------------------------- writing

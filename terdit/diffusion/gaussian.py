@@ -2,7 +2,9 @@
 
 Linear beta schedule (1e-4 .. 0.02 over 1000 steps), epsilon prediction with a learned-range
 variance, loss = MSE(eps) + the variational bound with the mean detached, timestep respacing,
-ancestral DDPM and DDIM samplers. Schedules are float64 (numpy) and cast per step, as DiT does.
+ancestral DDPM and DDIM steps (`ReverseStep`, the one step function every sampling loop runs; the loop and
+its backends are in terdit.diffusion.sampler). Schedules are float64 (numpy), cast to float32 where used, as
+DiT does (the sampler casts each table once, to the same values).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+
+from terdit.diffusion.sampler import Draw, OnStep, Progress, check_sampler, run_loop
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -169,26 +172,23 @@ class GaussianDiffusion:
         return torch.where(t == 0, nll, kl)
 
     # -- samplers -------------------------------------------------------------------------------------
+    def reverse_step(self, model_fn: ModelFn, batch: int, device: torch.device | str, sampler: str = "ddpm",
+                     eta: float = 0.0) -> ReverseStep:
+        """The step function every sampling loop runs (see `ReverseStep`)."""
+        return ReverseStep(self, model_fn, batch, torch.device(device), sampler, eta)
+
     def ddpm_step(self, model_fn: ModelFn, x: torch.Tensor, i: int, noise: torch.Tensor) -> torch.Tensor:
         """One ancestral step from sampling index i (x_t -> x_{t-1})."""
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        p = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t)
-        if i == 0:
-            return p["mean"].to(x.dtype)
-        return (p["mean"] + torch.exp(0.5 * p["log_variance"]) * noise).to(x.dtype)
+        return self._one_step(model_fn, x, i, noise, "ddpm", 0.0)
 
     def ddim_step(self, model_fn: ModelFn, x: torch.Tensor, i: int, noise: torch.Tensor, eta: float = 0.0):
-        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        p = self.p_mean_variance(model_fn(x, self.model_timesteps(t)), x, t)
-        eps = (_take(self.sqrt_recip_alphas_cumprod, t, x) * x - p["pred_xstart"]) / _take(
-            self.sqrt_recipm1_alphas_cumprod, t, x
-        )
-        ab, ab_prev = _take(self.alphas_cumprod, t, x), _take(self.alphas_cumprod_prev, t, x)
-        sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
-        mean = p["pred_xstart"] * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma**2) * eps
-        if i == 0:
-            return mean.to(x.dtype)
-        return (mean + sigma * noise).to(x.dtype)
+        """One DDIM step from sampling index i (noise used only when eta > 0)."""
+        return self._one_step(model_fn, x, i, noise, "ddim", eta)
+
+    def _one_step(self, model_fn: ModelFn, x: torch.Tensor, i: int, noise: torch.Tensor, sampler: str,
+                  eta: float) -> torch.Tensor:
+        idx = torch.full((1,), i, dtype=torch.long, device=x.device)
+        return self.reverse_step(model_fn, x.shape[0], x.device, sampler, eta)(x, idx, noise, i == 0)
 
     @torch.no_grad()
     def sample(
@@ -198,17 +198,80 @@ class GaussianDiffusion:
         sampler: str = "ddpm",
         eta: float = 0.0,
         generator: torch.Generator | None = None,
-        progress: bool = False,
+        progress: Progress = False,
+        *,
+        backend: str = "auto",
+        draw: Draw | None = None,
+        on_step: OnStep | None = None,
     ) -> torch.Tensor:
-        """Run the reverse process from `noise`; per-step noise comes from `generator` (on CPU)."""
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
-        x = noise
-        steps = range(self.num_timesteps - 1, -1, -1)
-        for i in tqdm(steps, desc=f"{sampler} sampling", disable=not progress, leave=False):
-            z = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device, x.dtype)
-            if sampler == "ddpm":
-                x = self.ddpm_step(model_fn, x, i, z)
-            else:
-                x = self.ddim_step(model_fn, x, i, z, eta)
-        return x
+        """Run the reverse process from `noise` with terdit's one sampling loop (`terdit.diffusion.sampler`).
+
+        Per-step noise: `draw()` if given (e.g. a pipeline's generators), else float32 draws from `generator`
+        on CPU (None: the global RNG), one per step in loop order. `backend`: "auto" | "eager" | "cuda-graph"."""
+        check_sampler(sampler)
+        if draw is None:
+            def draw() -> torch.Tensor:
+                return torch.randn(noise.shape, generator=generator, dtype=torch.float32)
+        step = self.reverse_step(model_fn, noise.shape[0], noise.device, sampler, eta)
+        return run_loop(step, noise, self.num_timesteps, draw, backend=backend, progress=progress,
+                        on_step=on_step, desc=f"{sampler} sampling")
+
+
+class ReverseStep:
+    """x_t -> x_{t-1} (DDPM or DDIM) with the schedule as float32 tables on the device, indexed by a device
+    tensor `idx` (shape [1]): no host work per step, so a CUDA graph can capture it.
+
+    The arithmetic is DiT's (float64 schedules cast to float32 per step, then the same operations in the same
+    order as improved-DDPM's p_mean_variance / q_posterior / DDIM update), so every loop gives DiT's samples."""
+
+    def __init__(self, diffusion: GaussianDiffusion, model_fn: ModelFn, batch: int, device: torch.device,
+                 sampler: str = "ddpm", eta: float = 0.0) -> None:
+        check_sampler(sampler)
+        d = diffusion
+
+        def table(arr: np.ndarray) -> torch.Tensor:  # float64 -> float32 once: the rounding `_take` does per step
+            return torch.from_numpy(np.asarray(arr, dtype=np.float64)).float().to(device)
+
+        self.diffusion, self.fn, self.sampler, self.eta, self.n = d, model_fn, sampler, eta, batch
+        self.sqrt_recip = table(d.sqrt_recip_alphas_cumprod)
+        self.sqrt_recipm1 = table(d.sqrt_recipm1_alphas_cumprod)
+        self.coef1 = table(d.posterior_mean_coef1)
+        self.coef2 = table(d.posterior_mean_coef2)
+        self.log_var_min = table(d.posterior_log_variance_clipped)
+        self.log_var_max = table(np.log(d.betas))
+        # fixed large variance (improved-DDPM's FIXED_LARGE) for models without learned sigma
+        self.log_var_fixed = table(np.log(np.append(d.posterior_variance[1], d.betas[1:]) if len(d.betas) > 1
+                                          else d.betas))
+        self.acp = table(d.alphas_cumprod)
+        self.acp_prev = table(d.alphas_cumprod_prev)
+        self.timestep_map = torch.from_numpy(np.asarray(d.timestep_map)).long().to(device)
+
+    def take(self, tab: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """tab[i] as [n, 1, 1, 1] float32: the shape and dtype `_take` gives (same broadcasting, same math)."""
+        return tab.index_select(0, idx.expand(self.n)).view(-1, 1, 1, 1)
+
+    def log_variance(self, v: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+        if v is None:
+            return self.take(self.log_var_fixed, idx)
+        min_log, max_log = self.take(self.log_var_min, idx), self.take(self.log_var_max, idx)
+        frac = (v.float() + 1) / 2
+        return frac * max_log + (1 - frac) * min_log
+
+    def __call__(self, x: torch.Tensor, idx: torch.Tensor, noise: torch.Tensor, last: bool) -> torch.Tensor:
+        """x_t -> x_{t-1} for sampling index idx; `last` (index 0) adds no noise."""
+        out = self.fn(x, self.timestep_map.index_select(0, idx.expand(self.n)))
+        eps, v = self.diffusion.split_output(out, x.shape[1])
+        take = self.take
+        pred_x0 = take(self.sqrt_recip, idx) * x - take(self.sqrt_recipm1, idx) * eps.float()
+        if self.sampler == "ddpm":
+            mean = take(self.coef1, idx) * pred_x0 + take(self.coef2, idx) * x
+            if last:
+                return mean.to(x.dtype)
+            return (mean + torch.exp(0.5 * self.log_variance(v, idx)) * noise).to(x.dtype)
+        eps = (take(self.sqrt_recip, idx) * x - pred_x0) / take(self.sqrt_recipm1, idx)
+        ab, ab_prev = take(self.acp, idx), take(self.acp_prev, idx)
+        sigma = self.eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+        mean = pred_x0 * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma**2) * eps
+        if last:
+            return mean.to(x.dtype)
+        return (mean + sigma * noise).to(x.dtype)

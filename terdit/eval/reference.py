@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from terdit.data.images import adm_center_crop as center_crop  # the one ADM crop (re-exported here)
 from terdit.errors import TerditError
 from terdit.io import atomic_write
 
@@ -157,18 +158,6 @@ def write_batch(path: str | Path, images: np.ndarray, stats: dict[str, np.ndarra
             np.savez(f, **arrays)
 
     return atomic_write(path, write)
-
-
-def center_crop(image: Image.Image, resolution: int) -> Image.Image:
-    """ADM/DiT's crop: halve with a box filter while the short side is at least twice the target, resize the
-    short side to the target with bicubic filtering, then cut the centre square."""
-    while min(image.size) >= 2 * resolution:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.Resampling.BOX)
-    scale = resolution / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.Resampling.BICUBIC)
-    w, h = image.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    return image.crop((left, top, left + resolution, top + resolution))
 
 
 def resize_batch(images: np.ndarray, resolution: int) -> np.ndarray:

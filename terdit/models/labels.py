@@ -8,6 +8,8 @@ in the model layer; terdit.deploy.labels builds on it for configs read without a
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 from terdit.errors import TerditError
@@ -25,7 +27,14 @@ def permute_labels(perm_name: str, n: int, labels: torch.Tensor) -> torch.Tensor
     """ImageNet ids (0..n-1, or n for the null class) -> indices in the named class order."""
     if perm_name != "lexicographic":
         raise TerditError(f"unknown label permutation {perm_name!r}")
-    if bool(((labels < 0) | (labels > n)).any()):
+    # inside a CUDA-graph capture (the sampler's cuda-graph backend) nothing may wait for the GPU or copy from
+    # pageable memory: the check is skipped there (the sampler checked the ids) and the table is cached on the device
+    capturing = labels.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and bool(((labels < 0) | (labels > n)).any()):
         raise TerditError(f"class ids must be in 0..{n - 1} (or {n} for the null class)")
-    table = torch.cat([lexicographic_permutation(n), torch.tensor([n])]).to(labels.device)
-    return table[labels.long()].to(labels.dtype)
+    return _label_table(n, labels.device)[labels.long()].to(labels.dtype)
+
+
+@lru_cache(maxsize=8)
+def _label_table(n: int, device: torch.device) -> torch.Tensor:
+    return torch.cat([lexicographic_permutation(n), torch.tensor([n])]).to(device)

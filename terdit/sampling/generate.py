@@ -42,11 +42,13 @@ def sample_latents(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     progress: bool = False,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Samples in the model's space (pixels or latents), shape (N, C, H, W), float32.
 
     Initial and per-step noise come from one CPU generator seeded with `seed`, so results do not
-    depend on the device's RNG.
+    depend on the device's RNG. `backend`: "auto" (cuda-graph on CUDA, else eager), "eager" or "cuda-graph"
+    (see terdit.diffusion.sampler); all give the same samples.
     """
     cfg = model.config
     labels_t = torch.as_tensor(labels, dtype=torch.long)
@@ -60,7 +62,8 @@ def sample_latents(
     was_training = model.training
     model.eval()
     try:
-        out = diffusion.sample(fn, noise, sampler=sampler, eta=eta, generator=gen, progress=progress)
+        out = diffusion.sample(fn, noise, sampler=sampler, eta=eta, generator=gen, progress=progress,
+                               backend=backend)
     finally:
         model.train(was_training)
     return out.float()
@@ -120,8 +123,13 @@ def generate(
     model: nn.Module,
     labels: Sequence[int],
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    *,
+    backend: str = "auto",
     **kwargs,
 ) -> torch.Tensor:
-    """Images in [-1, 1] for `labels`: sample, then decode (VAE models) if a decoder is given."""
-    x = sample_latents(model, labels, **kwargs)
+    """Images in [-1, 1] for `labels`: sample, then decode (VAE models) if a decoder is given.
+
+    `kwargs` are sample_latents' (cfg_scale, steps, sampler, eta, seed, guide_channels, device, dtype,
+    progress)."""
+    x = sample_latents(model, labels, backend=backend, **kwargs)
     return decode(x) if decode is not None else x

@@ -31,6 +31,7 @@ import torch
 
 from terdit.data.base import derived_seed
 from terdit.defaults import device_setting, dtype_setting, nonneg_float, overwrite_setting, positive_int, setting
+from terdit.diffusion.sampler import BACKENDS, resolve_backend
 from terdit.errors import TerditError
 from terdit.io import atomic_write, atomic_write_text, check_output, clean_leftovers, fault_point, locked
 from terdit.models.memory import check_batch_fits
@@ -39,7 +40,6 @@ SETTINGS_FILE = "settings.json"
 PART_GLOB = "batch-*.npz"
 _LABELS, _NOISE = 1, 2  # distinct seed spaces for the two random draws of a batch
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: equal samples give a byte-identical npz
-BACKENDS = ("auto", "eager", "cuda-graph")  # H3 defines it in terdit.diffusion.sampler: take that one at merge
 
 
 @dataclass
@@ -250,6 +250,7 @@ def sample_npz(args: MassSampleArgs, max_batches: int | None = None) -> Path | N
 
     _check_args(args)
     dev = resolve_device(args.device)
+    resolve_backend(args.backend, dev)  # a bad backend fails before the model is loaded
     owns_group = not torch.distributed.is_initialized()  # a caller's process group is left alone
     info = init_distributed(dev.type)
     hold = contextlib.ExitStack()

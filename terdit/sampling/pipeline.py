@@ -52,6 +52,7 @@ from PIL import Image
 from torch import nn
 
 from terdit.diffusion import GaussianDiffusion, guided_model_fn
+from terdit.diffusion.sampler import resolve_backend
 from terdit.errors import TerditError
 from terdit.loading.kinds import PIPELINE_INDEX
 from terdit.models.terdit import TerDiT
@@ -89,7 +90,7 @@ class GaussianDiffusionSampler(SchedulerMixin, ConfigMixin):
 
     A diffusers scheduler class only so that pipelines save, load and swap it like one: its config carries
     TerDiT's training schedule, so `DDIMScheduler.from_config(pipe.scheduler.config)` gets the right betas.
-    The sampling itself is GaussianDiffusion's (TerDiTPipeline runs its steps)."""
+    The sampling itself is GaussianDiffusion.sample, terdit's one sampling loop (with its backends)."""
 
     config_name = SCHEDULER_CONFIG
     order = 1
@@ -253,6 +254,7 @@ class TerDiTPipeline(DiffusionPipeline):
         guide_channels: int | None = None,
         callback_on_step_end: Callable[..., dict[str, Any]] | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        backend: str = "auto",
     ) -> TerDiTPipelineOutput | tuple:
         """Sample `num_images_per_prompt` images per label (ImageNet-style ids, or names from `id2label`).
 
@@ -260,31 +262,15 @@ class TerDiTPipeline(DiffusionPipeline):
         `generator`: one generator, or one per image; initial noise is drawn on the generator's device
         (CPU generators give device-independent results). `latents`: the initial noise instead.
         `guide_channels=3` reproduces the public DiT code's guidance of 3 of 4 latent channels (default: all).
-        `callback_on_step_end(pipe, i, t, {"latents": ...})` may return replaced latents."""
-        if output_type not in OUTPUT_TYPES:
-            raise TerditError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-        if guidance_scale < 0:
-            raise TerditError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        if not 1 <= num_inference_steps <= NUM_TRAIN_TIMESTEPS:
-            raise TerditError(f"num_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_inference_steps}")
-        if num_images_per_prompt < 1:
-            raise TerditError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-        bad = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if bad:
-            raise TerditError(f"callback_on_step_end_tensor_inputs: only {self._callback_tensor_inputs}, got {bad}")
-        check_scheduler(self.scheduler)
-        cfg = self.transformer.config
-        if self.vae is None and output_type != "latent" and cfg.in_channels not in (1, 3):
-            raise TerditError(f"the model works in a {cfg.in_channels}-channel latent space: pass vae=... to the "
-                              "pipeline, or output_type='latent'")
+        `callback_on_step_end(pipe, i, t, {"latents": ...})` may return replaced latents.
+        `backend` ("auto" | "eager" | "cuda-graph"): how terdit's own sampler runs its loop (terdit.diffusion.
+        sampler; "auto": a CUDA graph on CUDA); diffusers schedulers always step eagerly."""
+        self._check_call(output_type, guidance_scale, num_inference_steps, num_images_per_prompt,
+                         callback_on_step_end_tensor_inputs, backend)
         ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_prompt)]
-        null_rows = self.transformer.y_embedder.embedding_table.num_embeddings > cfg.num_classes
-        if guidance_scale != 1.0 and not null_rows:
-            raise TerditError("this model has no null class (class_dropout_prob = 0): use guidance_scale=1")
-        if isinstance(generator, list) and len(generator) != len(ids):
-            raise TerditError(f"got {len(generator)} generators for {len(ids)} images")
-
+        self._check_batch(ids, guidance_scale, generator, output_type)
         generator = _or_fresh(generator)
+        cfg = self.transformer.config
         device, dtype = self._execution_device, self.transformer.dtype
         shape = (len(ids), cfg.in_channels, cfg.sample_size, cfg.sample_size)
         if latents is None:
@@ -298,38 +284,85 @@ class TerDiTPipeline(DiffusionPipeline):
         was_training = self.transformer.training
         self.transformer.eval()
         try:
-            steps = self._steps(num_inference_steps, x, device)
-            if not isinstance(self.scheduler, GaussianDiffusionSampler):
-                x = x * self.scheduler.init_noise_sigma  # the initial noise in the scheduler's scale
-            self._num_timesteps = len(steps)
-            for i, (t, step) in enumerate(self.progress_bar(steps)):
-                x = step(fn, x, generator)
-                if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"latents": x}) or {}
-                    x = out.get("latents", x)
+            if isinstance(self.scheduler, GaussianDiffusionSampler):
+                x = self._sample_terdit(fn, x, num_inference_steps, generator, backend, callback_on_step_end)
+            else:
+                x = self._sample_diffusers(fn, x, num_inference_steps, generator, device, callback_on_step_end)
         finally:
             self.transformer.train(was_training)
         images = self._postprocess(x, output_type)
         self.maybe_free_model_hooks()
         return TerDiTPipelineOutput(images=images) if return_dict else (images,)
 
-    def _steps(self, num_inference_steps: int, x: torch.Tensor, device: torch.device) -> list[tuple[Any, Callable]]:
-        """(timestep, step function) pairs for the scheduler: terdit's respaced GaussianDiffusion or diffusers'."""
+    def _check_call(self, output_type: str, guidance_scale: float, num_inference_steps: int,
+                    num_images_per_prompt: int, tensor_inputs: Sequence[str], backend: str) -> None:
+        """The call's arguments that do not depend on the labels."""
+        if output_type not in OUTPUT_TYPES:
+            raise TerditError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        if guidance_scale < 0:
+            raise TerditError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        if not 1 <= num_inference_steps <= NUM_TRAIN_TIMESTEPS:
+            raise TerditError(f"num_inference_steps must be in [1, {NUM_TRAIN_TIMESTEPS}], got {num_inference_steps}")
+        if num_images_per_prompt < 1:
+            raise TerditError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+        bad = set(tensor_inputs) - set(self._callback_tensor_inputs)
+        if bad:
+            raise TerditError(f"callback_on_step_end_tensor_inputs: only {self._callback_tensor_inputs}, got {bad}")
+        check_scheduler(self.scheduler)
+        resolve_backend(backend, self._execution_device)
+        if backend == "cuda-graph" and not isinstance(self.scheduler, GaussianDiffusionSampler):
+            raise TerditError(f"backend='cuda-graph' runs terdit's own sampler (GaussianDiffusionSampler); "
+                              f"{type(self.scheduler).__name__} steps eagerly: use backend='eager' or 'auto'")
+
+    def _check_batch(self, ids: list[int], guidance_scale: float, generator: Any, output_type: str) -> None:
+        """What the model and the labels allow: a VAE for latent models, a null class for guidance."""
+        cfg = self.transformer.config
+        if self.vae is None and output_type != "latent" and cfg.in_channels not in (1, 3):
+            raise TerditError(f"the model works in a {cfg.in_channels}-channel latent space: pass vae=... to the "
+                              "pipeline, or output_type='latent'")
+        null_rows = self.transformer.y_embedder.embedding_table.num_embeddings > cfg.num_classes
+        if guidance_scale != 1.0 and not null_rows:
+            raise TerditError("this model has no null class (class_dropout_prob = 0): use guidance_scale=1")
+        if isinstance(generator, list) and len(generator) != len(ids):
+            raise TerditError(f"got {len(generator)} generators for {len(ids)} images")
+
+    def _sample_terdit(self, fn: Callable, x: torch.Tensor, num_inference_steps: int, generator: Any,
+                       backend: str, callback: Callable | None) -> torch.Tensor:
+        """terdit's one sampling loop (GaussianDiffusion.sample), per-step noise from the pipeline's generator(s)."""
         sched = self.scheduler
-        if isinstance(sched, GaussianDiffusionSampler):
-            diffusion = GaussianDiffusion.create(num_inference_steps, learn_sigma=self.transformer.config.learn_sigma)
+        diffusion = GaussianDiffusion.create(num_inference_steps, learn_sigma=self.transformer.config.learn_sigma)
+        self._num_timesteps = diffusion.num_timesteps
+        gen_device = (generator[0] if isinstance(generator, list) else generator).device
+        shape = tuple(x.shape)
 
-            def terdit_step(i: int):
-                def step(fn, x, generator):
-                    z = randn_tensor(x.shape, generator=generator, device=x.device, dtype=torch.float32)
-                    z = z.to(x.dtype)
-                    if sched.sampler == "ddpm":
-                        return diffusion.ddpm_step(fn, x, i, z)
-                    return diffusion.ddim_step(fn, x, i, z, sched.eta)
-                return step
+        def draw() -> torch.Tensor:  # on the generator's device: CPU draws stay on the host (pinned for graphs)
+            return randn_tensor(shape, generator=generator, device=gen_device, dtype=torch.float32)
 
-            order = range(diffusion.num_timesteps - 1, -1, -1)
-            return [(int(diffusion.timestep_map[i]), terdit_step(i)) for i in order]
+        on_step = None
+        if callback is not None:
+            def on_step(k: int, i: int, latents: torch.Tensor) -> torch.Tensor | None:
+                out = callback(self, k, int(diffusion.timestep_map[i]), {"latents": latents}) or {}
+                return out.get("latents")
+
+        return diffusion.sample(fn, x, sampler=sched.sampler, eta=sched.eta, progress=self.progress_bar,
+                                backend=backend, draw=draw, on_step=on_step)
+
+    def _sample_diffusers(self, fn: Callable, x: torch.Tensor, num_inference_steps: int, generator: Any,
+                          device: torch.device, callback: Callable | None) -> torch.Tensor:
+        """diffusers' scheduler.step over the same guided model function (eager)."""
+        steps = self._steps(num_inference_steps, x, device)
+        x = x * self.scheduler.init_noise_sigma  # the initial noise in the scheduler's scale
+        self._num_timesteps = len(steps)
+        for i, (t, step) in enumerate(self.progress_bar(steps)):
+            x = step(fn, x, generator)
+            if callback is not None:
+                out = callback(self, i, t, {"latents": x}) or {}
+                x = out.get("latents", x)
+        return x
+
+    def _steps(self, num_inference_steps: int, x: torch.Tensor, device: torch.device) -> list[tuple[Any, Callable]]:
+        """(timestep, step function) pairs for a diffusers scheduler."""
+        sched = self.scheduler
         channels = x.shape[1]
         # a config may carry keys of the scheduler it was made from (DDIM from DDPM's): ask only what __init__ takes
         own = "variance_type" in inspect.signature(type(sched).__init__).parameters
