@@ -108,8 +108,8 @@ def _model_identity(run: str | Path, ema: bool) -> str:
     """A hash of the weights (and config) sampled from, so parts drawn from other weights, even at the same
     path (a run trained again, a checkpoint replaced), are never mixed with new ones. A hub id is its name.
     Reading the weights once per start costs seconds (~1 GB/s), small beside sampling 50,000 images."""
-    from terdit.loading.kinds import Kind, kind_of
     from terdit.models import runs as runlib
+    from terdit.models.kinds import Kind, kind_of
 
     root = Path(run)
     if not root.is_dir():
