@@ -7,7 +7,7 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from terdit.cli.args import add_settings, settings_from
+from terdit.cli.args import add_command, settings_from
 from terdit.defaults import device_setting, dtype_setting, nonneg_float, overwrite_setting, positive_int, setting
 from terdit.deploy.packed_linear import POLICIES
 from terdit.diffusion.sampler import BACKENDS
@@ -43,14 +43,10 @@ class SampleArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="draw samples from a run to a PNG grid or an ADM npz")
-    add_settings(p, SampleArgs)
-    p.set_defaults(func=cmd_sample)
+    add_command(sub, "sample", "draw samples from a run to a PNG grid or an ADM npz", SampleArgs, cmd_sample)
 
-    p = sub.add_parser("sample-npz", help="draw many samples into one ADM npz for FID (DiT's protocol; resumable, "
-                                          "torchrun-parallel)")
-    add_settings(p, MassSampleArgs)
-    p.set_defaults(func=cmd_sample_npz)
+    add_command(sub, "sample-npz", "draw many samples into one ADM npz for FID (DiT's protocol; resumable, "
+                "torchrun-parallel)", MassSampleArgs, cmd_sample_npz)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
