@@ -9,8 +9,6 @@ from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-import pytest
-
 PACKAGE = Path(__file__).resolve().parents[1] / "terdit"
 ROOT = "terdit"
 # The lower layers (issue 15's layering): they may import errors / io / extras / distributed / defaults and each
@@ -19,9 +17,6 @@ LOWER = ("terdit.models", "terdit.quant", "terdit.diffusion")
 ABOVE_LOWER = tuple(f"terdit.{p}" for p in ("deploy", "loading", "sampling", "training", "experiments", "cli",
                                            "data", "eval"))
 MAX_TOP_LEVEL_MODULES = 6
-# Cycles another change of issue 15 removes (deploy/'s packed layers and kernels, rewritten by the module swap):
-# tolerated here as an expected failure only while every remaining cycle lies inside these packages.
-PENDING_CYCLE_PACKAGES = ("terdit.deploy",)
 
 
 def _module_name(path: Path) -> str:
@@ -152,12 +147,7 @@ def test_the_walker_sees_every_kind_of_import():
 def test_no_import_cycle():
     edges = import_edges()
     found = cycles(edges)
-    pending = [c for c in found if all(_within(m, PENDING_CYCLE_PACKAGES) for m in c)]
-    others = [c for c in found if c not in pending]
-    assert not others, "import cycles in terdit/:\n" + "\n".join(_describe(c, edges) for c in others)
-    if pending:
-        pytest.xfail("cycles inside " + ", ".join(PENDING_CYCLE_PACKAGES) + " (removed by the packed-layer rewrite):\n"
-                     + "\n".join(_describe(c, edges) for c in pending))
+    assert not found, "import cycles in terdit/:\n" + "\n".join(_describe(c, edges) for c in found)
 
 
 def test_the_model_layer_imports_nothing_above_it():

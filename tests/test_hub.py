@@ -18,8 +18,8 @@ import terdit.loading.hub as hub
 from terdit.deploy import PackedLinear, export_model, load_deployed
 from terdit.errors import TerditError
 from terdit.io import load_tensors
-from terdit.loading.kinds import kind_of
 from terdit.models import TerDiT
+from terdit.models.kinds import kind_of
 from terdit.models.runs import load_run_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -22,6 +22,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install terdi
 from terdit.deploy import PackedLinear, load_deployed  # noqa: E402
 from terdit.deploy import kernels as seam  # noqa: E402
 from terdit.deploy import triton_kernels as tk  # noqa: E402
+from terdit.deploy.backends import auto_register  # noqa: E402
 from terdit.deploy.bench import random_deploy_dir  # noqa: E402
 from terdit.errors import TerditError  # noqa: E402
 from terdit.models import get_config  # noqa: E402
@@ -179,13 +180,13 @@ def test_auto_register(monkeypatch):
     try:
         seam._REGISTRY.clear()
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-        assert seam.auto_register() == [] and all(k[1] == "cpu" for k in seam._REGISTRY)  # CPU only: no CUDA
+        assert auto_register() == [] and all(k[1] == "cpu" for k in seam._REGISTRY)  # CPU only: no CUDA
         seam._REGISTRY.clear()
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setenv("TERDIT_NO_KERNELS", "1")
-        assert seam.auto_register() == [] and not seam._REGISTRY
+        assert auto_register() == [] and not seam._REGISTRY
         monkeypatch.delenv("TERDIT_NO_KERNELS")
-        assert seam.auto_register() == ["2bit", "base3"]
+        assert auto_register() == ["2bit", "base3"]
         assert seam.registered_kernel("2bit", "cuda") is tk.packed_linear_kernel
         assert seam.registered_kernel("base3", "cuda") is tk.packed_linear_kernel
         tk.disable_triton_kernels("cuda")

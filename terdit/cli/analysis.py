@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
-from terdit.cli.args import add_settings, settings_from
+from terdit.cli.args import add_command, settings_from
 from terdit.defaults import setting
 from terdit.errors import TerditError
 
@@ -34,9 +34,8 @@ class AnalyzeArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("analyze", help="the paper's activation analyses (Fig. 4; Fig. 9 with --runs)")
-    add_settings(p, AnalyzeArgs)
-    p.set_defaults(func=cmd_analyze)
+    add_command(sub, "analyze", "the paper's activation analyses (Fig. 4; Fig. 9 with --runs)",
+                AnalyzeArgs, cmd_analyze)
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

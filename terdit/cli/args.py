@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from terdit.defaults import finite_float, nonneg_float, nonneg_int, positive_int
@@ -81,3 +81,14 @@ def settings_from(cls: type[T], args: argparse.Namespace, **overrides: Any) -> T
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     values = {k: v for k, v in vars(args).items() if k in names}
     return cls(**{**values, **overrides})
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, help: str, settings: type,  # noqa: A002
+                func: Callable[[argparse.Namespace], int], description: str | None = None,
+                **add_kwargs: Any) -> argparse.ArgumentParser:
+    """One sub-command: its flags generated from the `settings` dataclass, `func(args)` run when it is chosen
+    (the one way cli/ modules register a command whose flags are one dataclass)."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_settings(p, settings, **add_kwargs)
+    p.set_defaults(func=func)
+    return p

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import dataclass
 
-from terdit.cli.args import add_settings, settings_from
+from terdit.cli.args import add_command, settings_from
 from terdit.defaults import device_setting, dtype_setting, nonneg_int, parse_dtype, positive_int, setting
 from terdit.errors import TerditError
 
@@ -59,14 +59,10 @@ def _extract(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "extract-latents",
-        help="encode an image folder into VAE latents once, for fast training",
-        description="Encode root/<class>/*.jpg|png|... through a VAE into sharded, memory-mappable latents. "
-                    "Resumable (rerun to continue); under torchrun each process takes its share of shards.",
-    )
-    add_settings(p, ExtractArgs)
-    p.set_defaults(func=_extract)
+    add_command(subparsers, "extract-latents", "encode an image folder into VAE latents once, for fast training",
+                ExtractArgs, _extract,
+                description="Encode root/<class>/*.jpg|png|... through a VAE into sharded, memory-mappable latents. "
+                            "Resumable (rerun to continue); under torchrun each process takes its share of shards.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ import json
 import sys
 from dataclasses import dataclass
 
-from terdit.cli.args import add_settings, settings_from
+from terdit.cli.args import add_command, settings_from
 from terdit.defaults import default_device, device_setting, dtype_setting, overwrite_setting, setting
 from terdit.deploy.packed_linear import POLICIES
 from terdit.quant.packing import FORMATS
@@ -110,19 +110,12 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="pack a ternary run into a deploy directory")
-    add_settings(p, ExportArgs)
-    p.set_defaults(func=_export)
+    add_command(subparsers, "export", "pack a ternary run into a deploy directory", ExportArgs, _export)
 
-    p = subparsers.add_parser("convert", help="public TerDiT / Large-DiT checkpoint -> deploy directory")
-    add_settings(p, ConvertArgs)
-    p.set_defaults(func=_convert)
+    add_command(subparsers, "convert", "public TerDiT / Large-DiT checkpoint -> deploy directory",
+                ConvertArgs, _convert)
 
-    p = subparsers.add_parser("quantize", help="post-training quantization of a full-precision model")
-    add_settings(p, QuantizeArgs)
-    p.set_defaults(func=_quantize)
+    add_command(subparsers, "quantize", "post-training quantization of a full-precision model", QuantizeArgs, _quantize)
 
-    p = subparsers.add_parser("bench", help="deployment efficiency: full precision vs packed ternary")
-    add_settings(p, BenchArgs)
-    p.set_defaults(func=_bench)
+    add_command(subparsers, "bench", "deployment efficiency: full precision vs packed ternary", BenchArgs, _bench)
 

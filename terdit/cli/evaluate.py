@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from terdit.cli.args import add_settings
+from terdit.cli.args import add_command
 from terdit.defaults import resolve_device, setting
 from terdit.errors import TerditError
 from terdit.eval.inception import WEIGHTS_ENV, WEIGHTS_HELP
@@ -107,16 +107,11 @@ def run_make_reference(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `evaluate` and `make-reference` to the `terdit` command."""
-    p = subparsers.add_parser(
-        "evaluate", help="FID, sFID, IS, precision and recall of a sample batch (ADM's evaluator)",
-        description="Compute ADM's five numbers for SAMPLES.npz against REF.npz (both with arr_0 uint8 NHWC; "
-                    "stored mu/sigma statistics in REF are used for FID/sFID as ADM does).")
-    add_settings(p, EvaluateArgs)
-    p.set_defaults(func=run_evaluate)
-
-    m = subparsers.add_parser(
-        "make-reference", help="write an ADM-format reference batch (arr_0 uint8 NHWC) from images",
-        description="SRC is an image folder (center-cropped to --resolution like ADM/DiT's loader), an npz "
-                    "with arr_0 (resized when --resolution differs), or 'digits' (the embedded 8x8 digits).")
-    add_settings(m, MakeReferenceArgs)
-    m.set_defaults(func=run_make_reference)
+    add_command(subparsers, "evaluate", "FID, sFID, IS, precision and recall of a sample batch (ADM's evaluator)",
+                EvaluateArgs, run_evaluate,
+                description="Compute ADM's five numbers for SAMPLES.npz against REF.npz (both with arr_0 uint8 "
+                            "NHWC; stored mu/sigma statistics in REF are used for FID/sFID as ADM does).")
+    add_command(subparsers, "make-reference", "write an ADM-format reference batch (arr_0 uint8 NHWC) from images",
+                MakeReferenceArgs, run_make_reference,
+                description="SRC is an image folder (center-cropped to --resolution like ADM/DiT's loader), an npz "
+                            "with arr_0 (resized when --resolution differs), or 'digits' (the embedded 8x8 digits).")

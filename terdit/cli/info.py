@@ -6,7 +6,7 @@ import argparse
 import json
 from dataclasses import dataclass
 
-from terdit.cli.args import add_settings
+from terdit.cli.args import add_command
 from terdit.defaults import positive_int, setting
 
 
@@ -30,13 +30,10 @@ class InfoArgs:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("configs", help="list the named model configs")
-    add_settings(p, ConfigsArgs)
-    p.set_defaults(func=cmd_configs)
+    add_command(sub, "configs", "list the named model configs", ConfigsArgs, cmd_configs)
 
-    p = sub.add_parser("info", help="config, parameter counts, bits per weight, size and memory estimate of a model")
-    add_settings(p, InfoArgs)
-    p.set_defaults(func=cmd_info)
+    add_command(sub, "info", "config, parameter counts, bits per weight, size and memory estimate of a model",
+                InfoArgs, cmd_info)
 
 
 def cmd_configs(args: argparse.Namespace) -> int:

@@ -7,50 +7,34 @@ import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from terdit.cli.args import add_settings, settings_from
-from terdit.defaults import device_setting, dtype_setting, nonneg_float, overwrite_setting, positive_int, setting
+from terdit.cli.args import add_command, settings_from
+from terdit.defaults import nonneg_float, overwrite_setting, positive_int, setting
 from terdit.deploy.packed_linear import POLICIES
-from terdit.diffusion.sampler import BACKENDS
 from terdit.errors import TerditError
+from terdit.sampling.generate import SamplingSettings
 from terdit.sampling.npz import MassSampleArgs
 
 
-@dataclass
-class SampleArgs:
+@dataclass(kw_only=True)
+class SampleArgs(SamplingSettings):
     """Everything `terdit sample` takes."""
 
-    run: str = setting(help="run folder (or deploy folder)")
     classes: list[int] | None = setting(None, "class ids (default: 0..min(K,10)-1)", type=int, nargs="+")
     num_per_class: int = setting(1, type=positive_int)
     cfg: float = setting(4.0, "classifier-free guidance scale (1 = none)", type=nonneg_float)
-    cfg_channels: int | None = setting(None, "guide only the first N channels (3 = the public code's quirk; "
-                                       "default all)", type=positive_int)
-    steps: int = setting(250, "sampling steps", type=int)
-    sampler: str = setting("ddpm", choices=["ddpm", "ddim"])
-    eta: float = setting(0.0, "DDIM eta", type=nonneg_float)
-    seed: int = setting(0, type=int)
-    ema: bool = setting(True, "use the raw weights, not the EMA")
     out: str | None = setting(None, ".png grid or .npz (default: RUN/sample.png)")
     overwrite: bool = overwrite_setting("sample file")
     vae: str | None = setting(None, "VAE to decode latents (default: the one the run trained with)")
     policy: str = setting("memory", "packed models: unpack per call (memory), cache unpacked weights (speed), or CPU "
                           "integer compute with 8-bit activations, codes resident (int8) or packed (int8-packed)",
                           choices=POLICIES)
-    backend: str = setting("auto", "sampling loop: auto (a CUDA graph on CUDA, else eager), eager or cuda-graph",
-                           choices=BACKENDS)
-    device: str | None = device_setting()
-    dtype: str | None = dtype_setting()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sample", help="draw samples from a run to a PNG grid or an ADM npz")
-    add_settings(p, SampleArgs)
-    p.set_defaults(func=cmd_sample)
+    add_command(sub, "sample", "draw samples from a run to a PNG grid or an ADM npz", SampleArgs, cmd_sample)
 
-    p = sub.add_parser("sample-npz", help="draw many samples into one ADM npz for FID (DiT's protocol; resumable, "
-                                          "torchrun-parallel)")
-    add_settings(p, MassSampleArgs)
-    p.set_defaults(func=cmd_sample_npz)
+    add_command(sub, "sample-npz", "draw many samples into one ADM npz for FID (DiT's protocol; resumable, "
+                "torchrun-parallel)", MassSampleArgs, cmd_sample_npz)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:

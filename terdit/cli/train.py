@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from terdit.cli.args import add_settings, settings_from
+from terdit.cli.args import add_command, settings_from
 from terdit.training.trainer import TrainArgs
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a TerDiT from scratch (QAT); no arguments: tiny model on digits")
-    add_settings(p, TrainArgs)
-    p.set_defaults(func=cmd_train)
+    add_command(sub, "train", "train a TerDiT from scratch (QAT); no arguments: tiny model on digits",
+                TrainArgs, cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

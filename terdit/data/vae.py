@@ -85,7 +85,7 @@ def load_vae(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype =
         from diffusers import AutoencoderKL
     except ImportError as e:  # pragma: no cover - diffusers is a dependency
         raise TerditError(f"loading a VAE needs diffusers ({e})") from e
-    from terdit.loading.kinds import is_hub_id
+    from terdit.models.kinds import is_hub_id
 
     repo = resolve_vae_spec(spec)
     local = Path(repo).expanduser()

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from terdit.deploy.export import check_deploy_out, write_deploy_dir
 from terdit.deploy.loader import load_deployed
-from terdit.deploy.public import is_release_dir
 from terdit.errors import TerditError
+from terdit.models.kinds import Kind, kind_of
 
 
 def convert_release(
@@ -20,7 +20,7 @@ def convert_release(
     """Convert release `src`. `fmt` defaults to "2bit" for TerDiT releases and must be "fp" for Large-DiT;
     `dtype` (of the float tensors) defaults to the release's own. An existing deploy directory at `out` is
     replaced only with `overwrite`."""
-    if not is_release_dir(src):
+    if kind_of(src) is not Kind.RELEASE:
         raise TerditError(f"{src}: not a release directory (no model_args.pth)")
     check_deploy_out(out, src, overwrite)
     model = load_deployed(src, device="cpu", dtype="fp32", policy="memory")

@@ -40,15 +40,14 @@ import warnings
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
+from torch import nn
 
+from terdit.deploy.kernels import register_kernel
 from terdit.quant.bitnet import ACT_LEVELS
 from terdit.quant.packing import DIGITS, FORMATS, _digits, unpack_rows_into
-
-if TYPE_CHECKING:
-    from terdit.deploy.packed_linear import PackedLinear
 
 INT8_POLICIES: tuple[str, ...] = ("int8", "int8-packed")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -217,7 +216,7 @@ def compile_failed(e: Exception) -> None:
                   f"({type(e).__name__}: {str(e)[:200]})", stacklevel=3)
 
 
-def traced_kernel(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor | None:
+def traced_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The integer path as plain tensor code, for a layer traced inside its compiled parent
     (`terdit.deploy.packed_linear.compile_int8_`, which checked the CPU and settings); None where this call is
     not for it (policy, device, dtype, autograd, weights not prepared), and the layer's usual path runs."""
@@ -250,7 +249,7 @@ def run(fn: Callable, *args):
     return fn(*args)
 
 
-def accepts(layer: PackedLinear, x: torch.Tensor) -> bool:
+def accepts(layer: nn.Module, x: torch.Tensor) -> bool:
     """Whether the integer path takes this call (else the layer's exact float path does)."""
     return (
         layer.policy in INT8_POLICIES
@@ -285,7 +284,7 @@ def unpack_codes_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, index: 
     return out.view(packed.shape[0], -1)
 
 
-def layer_codes(*layers: PackedLinear) -> list[torch.Tensor]:
+def layer_codes(*layers: nn.Module) -> list[torch.Tensor]:
     """The layers' int8 codes [out, in]: resident ("int8"), or ("int8-packed") unpacked now into one slice
     each of the model's shared int8 scratch (reused call after call: no fresh pages to fault in; int8
     codes are half the bf16 weight the float memory policy unpacks)."""
@@ -304,7 +303,7 @@ def layer_codes(*layers: PackedLinear) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
-def int8_kernel(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor | None:
+def int8_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     """The `register_kernel` entry for the int8 policies: the integer path, or None (exact float path).
     The input's quantization is shared with the next layer called on the same tensor (`SharedTokens`)."""
     if not accepts(layer, x):
@@ -318,7 +317,6 @@ def int8_kernel(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor | None:
 def enable_cpu_int8(formats: tuple[str, ...] = FORMATS) -> list[str]:
     """Register `int8_kernel` for the int8 policies on CPU (also where the CPU lacks int8 dot products:
     the kernel then declines every call, so the policies still work, on the exact path)."""
-    from terdit.deploy.kernels import register_kernel  # here: terdit.deploy.kernels calls this on import
 
     for fmt in formats:
         for policy in INT8_POLICIES:

@@ -22,6 +22,7 @@ from terdit.defaults import parse_dtype
 from terdit.errors import TerditError
 from terdit.io import atomic_write_text, read_json
 from terdit.models.configs import TerDiTConfig
+from terdit.models.kinds import Kind, kind_of
 from terdit.quant.packing import FORMATS
 
 CONFIG_FILE = "config.json"
@@ -63,13 +64,8 @@ def write_config(directory: Path, config: TerDiTConfig, info: DeployInfo) -> Non
 
 
 def is_deploy_dir(path: str | Path) -> bool:
-    cfg = Path(path) / CONFIG_FILE
-    if not cfg.is_file():
-        return False
-    try:
-        return "deploy" in json.loads(cfg.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    """A deploy directory, as terdit.models.kinds (the one place that tells layouts apart) sees it."""
+    return kind_of(path) is Kind.DEPLOY
 
 
 def read_config(directory: str | Path) -> tuple[TerDiTConfig, DeployInfo]:

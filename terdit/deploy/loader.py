@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from terdit.defaults import parse_dtype
-from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, is_deploy_dir, read_config
+from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, read_config
 from terdit.deploy.packed_linear import (
     POLICIES,
     PackedLinear,
@@ -28,10 +28,11 @@ from terdit.deploy.packed_linear import (
     reserve_scratch,
     warm_cache,
 )
-from terdit.deploy.public import is_release_dir, read_release
+from terdit.deploy.public import read_release
 from terdit.deploy.tensorfile import TensorFile
 from terdit.errors import TerditError
 from terdit.models.configs import TerDiTConfig
+from terdit.models.kinds import Kind, kind_of
 from terdit.models.terdit import TerDiT
 from terdit.quant.int8 import SCALE_SUFFIX, dequantize_rows
 from terdit.quant.module_swap import names_filter
@@ -180,10 +181,11 @@ def load_deployed(
     dt = parse_dtype(dtype)
     path = Path(path)
     source: TensorSource
-    if is_deploy_dir(path):
+    kind = kind_of(path)
+    if kind is Kind.DEPLOY:
         config, info = read_config(path)
         source = TensorFile(path / WEIGHTS_FILE)
-    elif is_release_dir(path):
+    elif kind is Kind.RELEASE:
         config, info, source = read_release(path)
     elif not path.exists():
         raise TerditError(f"{path} does not exist")

@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from terdit.deploy import cpu_int8
+import terdit.deploy.cpu_int8 as cpu_int8
+from terdit.deploy.backends import auto_register
 from terdit.deploy.kernels import find_kernel
 from terdit.errors import TerditError
 from terdit.quant.module_swap import FilterFn
@@ -382,3 +383,6 @@ def reserve_scratch(model: nn.Module, dtype: torch.dtype) -> None:
     blocks = [min(m.out_features, m._row_block(dtype)) * m.packed.shape[1] for m in layers]
     scratch.reserve(max(n * DIGITS[m.fmt] for n, m in zip(blocks, layers)), dtype, device)
     scratch.reserve(max(blocks), torch.int32, device)
+
+
+auto_register()  # this machine's kernels (terdit.deploy.backends), once the layer they serve exists

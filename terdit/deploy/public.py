@@ -22,8 +22,9 @@ import torch
 from terdit.deploy.format import DeployInfo
 from terdit.errors import TerditError
 from terdit.models.configs import TerDiTConfig, get_config
+from terdit.models.kinds import RELEASE_ARGS, Kind, kind_of
 
-ARGS_FILE = "model_args.pth"
+ARGS_FILE = RELEASE_ARGS
 # Checked in this order: EMA before raw weights, as the public sample scripts default to EMA.
 RELEASE_FILES: tuple[str, ...] = (
     "consolidated_ema_ternary.00-of-01.pth",
@@ -41,7 +42,8 @@ PROBE_KEY = "layers.0.attention.wq.weight"
 
 
 def is_release_dir(path: str | Path) -> bool:
-    return (Path(path) / ARGS_FILE).is_file()
+    """A public release directory, as terdit.models.kinds (the one place that tells layouts apart) sees it."""
+    return kind_of(path) is Kind.RELEASE
 
 
 def _safe_load(path: Path, allow: list[type] | None = None, mmap: bool = False) -> Any:

@@ -20,8 +20,8 @@ REPORT_FILE = "quantize.json"
 
 def load_source_model(src: str | Path, ema: bool = True) -> tuple[TerDiT, dict, str]:
     """(full-precision model, source description, checkpoint name) from a run or an fp deploy/release dir."""
-    from terdit.loading.kinds import PACKED_LAYOUTS, kind_of
     from terdit.loading.open import open_model
+    from terdit.models.kinds import PACKED_LAYOUTS, kind_of
     from terdit.models.runs import latest_checkpoint
 
     src = Path(src)

@@ -178,6 +178,19 @@ def _ternary_mv_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=m_ok & (offs_n[None, :] < N))
 
 
+def _check_inputs(x: torch.Tensor, packed: torch.Tensor, fmt: str, in_features: int) -> None:
+    """ValueError for what the kernels do not take (an unknown format or dtype, a layout, a feature count)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown packed format {fmt!r}")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"x dtype {x.dtype} is not one of {DTYPES}")
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.stride(1) != 1:
+        raise ValueError("packed must be a 2-D uint8 tensor with contiguous rows")
+    nbytes, digits = packed.shape[1], _DIGITS[fmt]
+    if x.shape[-1] != in_features or not nbytes * digits - digits < in_features <= nbytes * digits:
+        raise ValueError(f"x has {x.shape[-1]} features; packed {tuple(packed.shape)} holds {in_features} ({fmt})")
+
+
 def ternary_linear(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -192,16 +205,9 @@ def ternary_linear(
     `path`: "auto" (skinny for M <= SKINNY_MAX_M rows, else tiled), "skinny" or "tiled" (benchmarks, tests).
     The output has x's dtype. Raises ValueError on inputs the kernels do not take (see `supports`).
     """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown packed format {fmt!r}")
-    if x.dtype not in DTYPES:
-        raise ValueError(f"x dtype {x.dtype} is not one of {DTYPES}")
-    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.stride(1) != 1:
-        raise ValueError("packed must be a 2-D uint8 tensor with contiguous rows")
+    _check_inputs(x, packed, fmt, in_features)
     n_out, nbytes = packed.shape
     digits = _DIGITS[fmt]
-    if x.shape[-1] != in_features or not nbytes * digits - digits < in_features <= nbytes * digits:
-        raise ValueError(f"x has {x.shape[-1]} features; packed {tuple(packed.shape)} holds {in_features} ({fmt})")
     x2 = x.reshape(-1, in_features)
     m = x2.shape[0]
     y = torch.empty((m, n_out), dtype=x.dtype, device=x.device)

@@ -137,16 +137,3 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, np.generic):
         return _jsonable(x.item())
     return x
-
-
-def _jsonable(x: Any) -> Any:
-    """NaN/inf become null so results.json is strict JSON."""
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, np.generic):
-        return _jsonable(x.item())
-    return x

@@ -14,6 +14,7 @@ from typing import Any
 
 from terdit.defaults import device_setting, positive_int, setting
 from terdit.errors import TerditError
+from terdit.training.trainer import TrainArgs
 
 
 @dataclass(frozen=True)
@@ -58,8 +59,8 @@ class Settings:
     data: str | None = setting(None, "training data (default: the embedded digits)")
     steps: int = setting(FULL_BUDGET["steps"], type=positive_int)
     batch_size: int = setting(FULL_BUDGET["batch_size"], type=positive_int)
-    lr: float = setting(5e-4, cli=False)
-    lr_after_drop: float = setting(1e-4, cli=False)
+    lr: float = setting(TrainArgs.lr, cli=False)  # the trainer's defaults: every variant trains as terdit train
+    lr_after_drop: float = setting(TrainArgs.lr_after_drop, cli=False)
     lr_drop_fraction: float = setting(0.75, "where terdit-lr-drop drops its LR", type=float)
     seed: int = setting(0, type=int)
     variants: list[str] = setting(help=f"which rows to produce (default all): {', '.join(VARIANTS)}",
@@ -113,10 +114,8 @@ class Settings:
         return shlex.join(parts)
 
 
-def train_args_for(variant: Variant, s: Settings):
+def train_args_for(variant: Variant, s: Settings) -> TrainArgs:
     """The variant's TrainArgs: shared settings plus its switches, nothing tuned per variant."""
-    from terdit.training.trainer import TrainArgs
-
     sw = dict(variant.train)
     drop = sw.pop("lr_drop", False)
     args = TrainArgs(

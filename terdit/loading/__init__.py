@@ -5,8 +5,8 @@ push_to_hub hooks; the root package imports it, so the hooks are set before any 
 """
 
 from terdit.loading.hub import TerDiTHubMixin
-from terdit.loading.kinds import Kind, is_hub_id, kind_of
 from terdit.loading.open import from_pretrained_hook, open_model, resolve_dir
+from terdit.models.kinds import Kind, is_hub_id, kind_of
 from terdit.models.terdit import set_loading_hooks
 
 set_loading_hooks(from_pretrained=from_pretrained_hook, save_pretrained=TerDiTHubMixin.save_pretrained,

@@ -29,7 +29,7 @@ SAFETENSORS_DTYPES = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16
 # -- what PATH is ------------------------------------------------------------------------------------------
 def resolve(path_or_name: str) -> dict[str, Any]:
     """{"kind", "config", "weights" (file or None), "deploy" (section or None), "downsample"} for PATH."""
-    from terdit.loading.kinds import Kind, kind_of, model_dir
+    from terdit.models.kinds import Kind, kind_of, model_dir
 
     if path_or_name in CONFIGS or path_or_name in ALIASES:
         cfg = get_config(path_or_name)

@@ -7,7 +7,7 @@
     pipeline folder   model_index.json + transformer/      its transformer
     Hub repo id       owner/name holding a pretrained dir, a deploy directory or a pipeline folder
 
-What a path is, is decided by terdit.loading.kinds; this module turns a name into a local folder
+What a path is, is decided by terdit.models.kinds; this module turns a name into a local folder
 (`resolve_dir`, downloading a Hub repo once into the Hugging Face cache) and that folder into a model.
 `TerDiT.from_pretrained` is this function (terdit.loading registers it as the model's hook), so every
 command and API that opens a model goes through here. A local path never touches the network.
@@ -26,7 +26,7 @@ import torch
 
 import terdit.loading.hub as hub
 from terdit.errors import TerditError
-from terdit.loading.kinds import (
+from terdit.models.kinds import (
     CONFIG_FILE,
     DEPLOY_WEIGHTS,
     PIPELINE_INDEX,

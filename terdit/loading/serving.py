@@ -51,8 +51,8 @@ def load_for_sampling(
     index classes in lexicographic order of "0".."999"; ours need no mapping).
     """
     from terdit.deploy.labels import map_labels
-    from terdit.loading.kinds import Kind, is_hub_id, kind_of
     from terdit.loading.open import open_model
+    from terdit.models.kinds import Kind, is_hub_id, kind_of
 
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)

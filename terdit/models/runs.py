@@ -20,20 +20,14 @@ import torch
 from terdit.errors import TerditError
 from terdit.io import load_tensors, read_json
 from terdit.models.configs import TerDiTConfig
+from terdit.models.kinds import CHECKPOINTS, Kind, checkpoint_dirs, kind_of
 from terdit.models.terdit import TerDiT
 
 CONFIG_FILE = "config.json"
 TRAIN_ARGS_FILE = "train_args.json"
 LOG_FILE = "log.jsonl"
-CKPT_DIR = "checkpoints"
+CKPT_DIR = CHECKPOINTS
 LOCK_FILE = ".lock"
-
-
-def checkpoint_dirs(run: str | Path) -> list[Path]:
-    root = Path(run) / CKPT_DIR
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def checkpoint_name(step: int) -> str:
@@ -45,7 +39,7 @@ def require_run(run: str | Path) -> Path:
     path = Path(run)
     if not path.exists():
         raise TerditError(f"run {path} does not exist")
-    if not (path / CONFIG_FILE).is_file() or not checkpoint_dirs(path):
+    if kind_of(path) is not Kind.RUN:
         raise TerditError(f"{path} is not a terdit run (no {CONFIG_FILE} or no checkpoints/)")
     return path
 

@@ -8,6 +8,7 @@ The CUDA-graph loop itself is a backend of terdit's one sampling loop (`terdit.d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,29 +21,15 @@ MODES: tuple[str, ...] = ("auto", "graph", "eager")
 _BACKEND_OF_MODE = {"auto": "auto", "graph": "cuda-graph", "eager": "eager"}
 
 
-def sample_latents_fast(
-    model: nn.Module,
-    labels: Sequence[int] | torch.Tensor,
-    cfg_scale: float = 4.0,
-    steps: int = 250,
-    sampler: str = "ddpm",
-    eta: float = 0.0,
-    seed: int = 0,
-    guide_channels: int | None = None,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    mode: str = "auto",
-    warmup: int = 1,
-) -> torch.Tensor:
-    """`sample_latents` with backend "cuda-graph" ("graph", CUDA only), "eager" or "auto" (graph on CUDA):
-    same arguments, same samples (N, C, H, W) fp32. `warmup` is kept for compatibility: the loop always warms
-    up with one eager step before capture."""
+def sample_latents_fast(model: nn.Module, labels: Sequence[int] | torch.Tensor, *args: Any, mode: str = "auto",
+                        warmup: int = 1, **kwargs: Any) -> torch.Tensor:
+    """`sample_latents` (same arguments, same samples: N, C, H, W fp32) with backend "cuda-graph" ("graph", CUDA
+    only), "eager" or "auto" (graph on CUDA). `warmup` is kept for compatibility: the loop always warms up with
+    one eager step before capture."""
     if mode not in MODES:
         raise TerditError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     del warmup
-    return sample_latents(model, labels, cfg_scale=cfg_scale, steps=steps, sampler=sampler, eta=eta, seed=seed,
-                          guide_channels=guide_channels, device=device, dtype=dtype,
-                          backend=_BACKEND_OF_MODE[mode])
+    return sample_latents(model, labels, *args, backend=_BACKEND_OF_MODE[mode], **kwargs)
 
 
 __all__ = ["MODES", "predraw_noise", "sample_latents_fast"]

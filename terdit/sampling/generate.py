@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +12,31 @@ import torch
 from PIL import Image
 from torch import nn
 
+from terdit.defaults import device_setting, dtype_setting, nonneg_float, positive_int, setting
 from terdit.diffusion import GaussianDiffusion, guided_model_fn
+from terdit.diffusion.sampler import BACKENDS
 from terdit.errors import TerditError
 from terdit.io import atomic_write
+
+
+@dataclass(kw_only=True)
+class SamplingSettings:
+    """The settings `terdit sample` and `terdit sample-npz` share, each default written once here (the commands
+    add their own: guidance scale, output, counts)."""
+
+    run: str = setting(help="run folder, deploy or pretrained folder, or Hub id")
+    cfg_channels: int | None = setting(None, "guide only the first N channels (3 = the public code's quirk; "
+                                       "default all)", type=positive_int)
+    steps: int = setting(250, "sampling steps", type=int)
+    sampler: str = setting("ddpm", choices=["ddpm", "ddim"])
+    eta: float = setting(0.0, "DDIM eta", type=nonneg_float)
+    seed: int = setting(0, type=int)
+    ema: bool = setting(True, "use the raw weights, not the EMA")
+    # not part of the samples' settings: every backend gives the same samples
+    backend: str = setting("auto", "sampling loop: auto (a CUDA graph on CUDA, else eager), eager or cuda-graph",
+                           choices=BACKENDS)
+    device: str | None = device_setting()
+    dtype: str | None = dtype_setting()
 
 
 def check_sampling_args(num_classes: int, labels: Sequence[int], cfg_scale: float, steps: int,

@@ -30,11 +30,12 @@ import numpy as np
 import torch
 
 from terdit.data.base import derived_seed
-from terdit.defaults import device_setting, dtype_setting, nonneg_float, overwrite_setting, positive_int, setting
-from terdit.diffusion.sampler import BACKENDS, resolve_backend
+from terdit.defaults import nonneg_float, overwrite_setting, positive_int, setting
+from terdit.diffusion.sampler import resolve_backend
 from terdit.errors import TerditError
 from terdit.io import atomic_write, atomic_write_text, check_output, clean_leftovers, fault_point, locked
 from terdit.models.memory import check_batch_fits
+from terdit.sampling.generate import SamplingSettings
 
 SETTINGS_FILE = "settings.json"
 PART_GLOB = "batch-*.npz"
@@ -42,32 +43,20 @@ _LABELS, _NOISE = 1, 2  # distinct seed spaces for the two random draws of a bat
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: equal samples give a byte-identical npz
 
 
-@dataclass
-class MassSampleArgs:
+@dataclass(kw_only=True)
+class MassSampleArgs(SamplingSettings):
     """Everything `terdit sample-npz` takes."""
 
-    run: str = setting(help="run folder (or deploy folder)")
     out: str = setting("samples.npz", "ADM npz to write; finished batches wait in OUT.parts/ until all are drawn")
     num_samples: int = setting(50_000, "FID-50K", type=positive_int)
     cfg: float = setting(1.5, "classifier-free guidance scale; 1 = none (DiT's FID setting)", type=nonneg_float)
-    cfg_channels: int | None = setting(None, "guide only the first N channels (3 = the public code's quirk; "
-                                       "default all)", type=positive_int)
-    steps: int = setting(250, "sampling steps", type=int)
-    sampler: str = setting("ddpm", choices=["ddpm", "ddim"])
-    eta: float = setting(0.0, "DDIM eta", type=nonneg_float)
     batch_size: int = setting(32, "samples per batch, each process draws one batch at a time; the result does not "
                               "depend on the process count", type=positive_int)
-    seed: int = setting(0, type=int)
     classes: list[int] | None = setting(None, "draw labels uniformly from these ids only (default: all classes)",
                                         type=int, nargs="+")
-    ema: bool = setting(True, "use the raw weights, not the EMA")
-    device: str | None = device_setting()
-    dtype: str | None = dtype_setting()
     progress: bool = setting(True, "no progress bar")
     overwrite: bool = overwrite_setting("npz file")
-    # not part of the samples' settings: every backend gives the same samples
-    backend: str = setting("auto", "sampling loop: auto (a CUDA graph on CUDA, else eager), eager or cuda-graph",
-                           choices=BACKENDS)
+
 
 def num_batches(num_samples: int, batch_size: int) -> int:
     return -(-num_samples // batch_size)
@@ -108,8 +97,8 @@ def _model_identity(run: str | Path, ema: bool) -> str:
     """A hash of the weights (and config) sampled from, so parts drawn from other weights, even at the same
     path (a run trained again, a checkpoint replaced), are never mixed with new ones. A hub id is its name.
     Reading the weights once per start costs seconds (~1 GB/s), small beside sampling 50,000 images."""
-    from terdit.loading.kinds import Kind, kind_of
     from terdit.models import runs as runlib
+    from terdit.models.kinds import Kind, kind_of
 
     root = Path(run)
     if not root.is_dir():

@@ -54,7 +54,7 @@ from torch import nn
 from terdit.diffusion import GaussianDiffusion, guided_model_fn
 from terdit.diffusion.sampler import resolve_backend
 from terdit.errors import TerditError
-from terdit.loading.kinds import PIPELINE_INDEX
+from terdit.models.kinds import PIPELINE_INDEX
 from terdit.models.terdit import TerDiT
 
 MODEL_INDEX = PIPELINE_INDEX  # model_index.json
@@ -434,8 +434,8 @@ class TerDiTPipeline(DiffusionPipeline):
         folder brings the VAE it was trained with). Components passed here replace the stored ones; `vae` and
         `scheduler` may also be names ("stabilityai/sd-vae-ft-ema"; "ddpm" / "ddim" / a diffusers class name)."""
         from terdit.loading.hub import hub_snapshot
-        from terdit.loading.kinds import Kind, is_hub_id, kind_of
         from terdit.loading.open import as_dtype
+        from terdit.models.kinds import Kind, is_hub_id, kind_of
 
         dtype = as_dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None))  # also "bf16"
         if dtype is not None:  # diffusers >= 0.36 names it dtype (torch_dtype is deprecated), older ones torch_dtype

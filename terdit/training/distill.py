@@ -142,8 +142,8 @@ def _diffusers_class_name(config_file: Path | None) -> str | None:
 def _find_diffusers(name: str, subfolder: str | None) -> tuple[str, str | None] | None:
     """(class name, subfolder) when `name` is a diffusers transformer (local or Hub), else None."""
     from terdit.loading.hub import hub_file
-    from terdit.loading.kinds import CONFIG_FILE, TRANSFORMER, Kind, is_hub_id, kind_of
     from terdit.loading.open import hub_model_subfolder
+    from terdit.models.kinds import CONFIG_FILE, TRANSFORMER, Kind, is_hub_id, kind_of
 
     local = Path(name).expanduser()
     if local.is_dir():

@@ -14,6 +14,7 @@ resolves one into a local folder, which `kind_of` then reads like any other.
 from __future__ import annotations
 
 import enum
+import json
 import os
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 CONFIG_FILE = "config.json"
 DEPLOY_WEIGHTS = "model.safetensors"  # a deploy directory's packed weights (terdit.deploy.format)
 PIPELINE_INDEX = "model_index.json"
+RELEASE_ARGS = "model_args.pth"  # a public release's model arguments (terdit.deploy.public)
+CHECKPOINTS = "checkpoints"  # a run's checkpoints/NNNNNNN/ folders (terdit.models.runs)
 TRANSFORMER = "transformer"  # a pipeline folder's model
 
 
@@ -48,21 +51,33 @@ def has_weights(path: Path) -> bool:
     return any(path.glob("diffusion_pytorch_model*.safetensors")) or any(path.glob("diffusion_pytorch_model*.bin"))
 
 
+def checkpoint_dirs(run: str | Path) -> list[Path]:
+    """A run folder's checkpoints/NNNNNNN/ folders, oldest first."""
+    root = Path(run) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def has_deploy_section(path: Path) -> bool:
+    """config.json with a "deploy" section: what terdit export / convert write."""
+    try:
+        return "deploy" in json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def kind_of(path: str | Path) -> Kind | None:
     """The layout of a local directory terdit can open, else None (a file, a missing path, anything else)."""
-    from terdit.deploy.format import is_deploy_dir
-    from terdit.deploy.public import is_release_dir
-    from terdit.models.runs import checkpoint_dirs
-
     p = Path(path)
     if not p.is_dir():
         return None
     config = (p / CONFIG_FILE).is_file()
     if config and checkpoint_dirs(p):
         return Kind.RUN
-    if is_deploy_dir(p):
+    if config and has_deploy_section(p):
         return Kind.DEPLOY
-    if is_release_dir(p):
+    if (p / RELEASE_ARGS).is_file():
         return Kind.RELEASE
     if config and (p / DEPLOY_WEIGHTS).is_file() and not has_weights(p):
         return Kind.LEGACY  # terdit 0.1's save_pretrained: TerDiTConfig json + model.safetensors (full state dict)
@@ -99,4 +114,4 @@ def is_hub_id(name: str | os.PathLike[str], *, owner: bool = False) -> bool:
 
 
 __all__ = ["CONFIG_FILE", "DEPLOY_WEIGHTS", "PACKED_LAYOUTS", "PIPELINE_INDEX", "TERDIT_LAYOUTS",
-           "TRANSFORMER", "Kind", "has_weights", "is_hub_id", "kind_of", "model_dir"]
+           "TRANSFORMER", "Kind", "checkpoint_dirs", "has_weights", "is_hub_id", "kind_of", "model_dir"]
