@@ -165,3 +165,22 @@ def test_no_module_imports_the_root_package():
 def test_the_top_level_stays_short():
     top = sorted(p.name for p in PACKAGE.glob("*.py"))
     assert len(top) <= MAX_TOP_LEVEL_MODULES, f"{len(top)} modules directly in terdit/: {top}"
+
+
+def _code_strings(tree: ast.Module) -> Iterator[ast.Constant]:
+    """String constants of a module that are not docstrings."""
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+            yield node
+
+
+def test_one_module_tells_the_layouts_apart():
+    """The file names that distinguish a release, a pipeline folder and a run folder are written in
+    terdit/models/kinds.py only: every other module asks `kind_of` (issue 15: opening decided once)."""
+    markers = {"model_args.pth", "model_index.json", "checkpoints"}
+    found = sorted(f"{name}:{node.lineno} {node.value!r}" for name, path in modules().items()
+                   for node in _code_strings(ast.parse(path.read_text())) if node.value in markers)
+    assert found and all(hit.startswith("terdit.models.kinds:") for hit in found), found
