@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from terdit.defaults import finite_float, nonneg_float, nonneg_int, positive_int
 
-__all__ = ["add_settings", "finite_float", "nonneg_float", "nonneg_int", "positive_int", "settings_from"]
+__all__ = ["add_command", "add_settings", "finite_float", "nonneg_float", "nonneg_int", "positive_int", "settings_from"]
 
 T = TypeVar("T")
 
