@@ -121,8 +121,8 @@ def open_model(
     Every keyword of diffusers' ModelMixin.from_pretrained works for pretrained folders (`torch_dtype`,
     `variant`, `subfolder`, `use_safetensors`, `device_map`, ...); `torch_dtype` (or `dtype`, also "bf16")
     applies to every layout. terdit's own: `ema`, `checkpoint` (which weights of a run folder), `device`,
-    `policy` (PackedLinear policy of packed models: "memory" or "speed"); `cls`: the model class (TerDiT or a
-    subclass: what `cls.from_pretrained` passes). An unknown keyword is a TerditError.
+    `policy` (PackedLinear policy of packed models: memory, speed, int8, int8-packed); `cls`: the model class
+    (TerDiT or a subclass: what `cls.from_pretrained` passes). An unknown keyword is a TerditError.
     """
     known = diffusers_load_kwargs() | {"torch_dtype", "dtype"}  # dtype: diffusers >= 0.36's name, taken here
     unknown = sorted(set(kwargs) - known - set(cls._get_init_keys(cls)))
