@@ -66,6 +66,22 @@ def test_quantize_tokens_matches_unfused_definition():
     assert torch.equal(cpu_int8.dequantize_tokens(cpu_int8.quantize_tokens(bf)), quantize_activations(bf.float()))
 
 
+def guided_step(cfg):
+    """One guided forward (guidance 2, two labels, two timesteps) on fixed inputs, under inference mode: the same
+    call for every model it is given, so policies compare on equal inputs."""
+    from terdit.diffusion.guidance import guided_model_fn
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    y, t = torch.tensor([1, 4]), torch.tensor([10, 700])
+
+    def run(m):
+        with torch.inference_mode():
+            return guided_model_fn(m, y, 2.0, null_class=cfg.num_classes)(x, t)
+
+    return run
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("m,k,n", [(1, 37, 19), (5, 64, 48), (18, 130, 33)])
@@ -202,18 +218,9 @@ def test_registry_policy_lookup():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_deployed_model_int8_policies(fmt, tmp_path, monkeypatch):
     """A whole model: the int8 policies stay close to the exact path, and equal it where int8 is off."""
-    from terdit.diffusion.guidance import guided_model_fn
-
     model = random_micro(seed=3)
     export_model(model, tmp_path / "dep", fmt)
-    cfg = get_config("TerDiT-Micro")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    y, t = torch.tensor([1, 4]), torch.tensor([10, 700])
-
-    def run(m):
-        with torch.inference_mode():
-            return guided_model_fn(m, y, 2.0, null_class=cfg.num_classes)(x, t)
+    run = guided_step(get_config("TerDiT-Micro"))
 
     exact = run(load_deployed(tmp_path / "dep", policy="memory"))
     for policy in POLICIES:
@@ -318,18 +325,9 @@ def test_act_bits_model_is_what_the_integer_path_computes(tmp_path):
 def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
     """compile_int8_ (what load_deployed does for "int8"): attention, FFN and adaLN compiled around their packed
     layers, so Inductor shares the quantization of one input, compute what the per-layer units compute."""
-    from terdit.diffusion.guidance import guided_model_fn
-
     model = random_micro(seed=5)
     export_model(model, tmp_path / "dep", "2bit")
-    cfg = model.config
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
-    y, t = torch.tensor([1, 4]), torch.tensor([10, 700])
-
-    def run(m):
-        with torch.inference_mode():
-            return guided_model_fn(m, y, 2.0, null_class=cfg.num_classes)(x, t)
+    run = guided_step(model.config)
 
     def compiled(m):
         return [n for n, mod in m.named_modules() if getattr(mod._compiled_call_impl, "terdit_int8", False)]
@@ -342,7 +340,7 @@ def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
         pytest.skip("torch.compile failed earlier in this process")
     dep = load_deployed(tmp_path / "dep", policy="int8")
     assert sorted(compiled(dep)) == sorted(
-        f"layers.{i}.{m}" for i in range(cfg.depth) for m in ("attention", "feed_forward", "adaLN_modulation")
+        f"layers.{i}.{m}" for i in range(model.config.depth) for m in ("attention", "feed_forward", "adaLN_modulation")
     )
     out = run(dep)
     if not cpu_int8.compile_enabled():
