@@ -131,10 +131,6 @@ class _Dist(DistInfo):
         info = join_group(self.device.type, timeout=datetime.timedelta(hours=12))
         super().__init__(info.rank, info.world_size, info.local_rank, info.owned)
 
-    @property
-    def world(self) -> int:
-        return self.world_size
-
 
 # -------------------------------------------------------------------------------------------- writing
 
@@ -353,7 +349,7 @@ def extract_latents(
         out.mkdir(parents=True, exist_ok=True)
 
         n_shards = math.ceil(len(index) / shard_size)
-        mine = [k for k in range(d.rank, n_shards, d.world) if not _shard_done(out, k, settings)]
+        mine = [k for k in range(d.rank, n_shards, d.world_size) if not _shard_done(out, k, settings)]
         if max_shards is not None:
             mine = mine[:max_shards]
         _encode_shards(d, out, model, index, mine, settings, batch_size=batch_size, num_workers=num_workers,
@@ -399,7 +395,7 @@ def _encode_shards(d: _Dist, out: Path, model: VAE, index: ImageIndex, mine: lis
         from tqdm import tqdm
 
         todo = sum(min(len(index), (k + 1) * shard_size) - k * shard_size for k in mine)
-        desc = "extract-latents" + (f" (rank 0 of {d.world})" if d.world > 1 else "")
+        desc = "extract-latents" + (f" (rank 0 of {d.world_size})" if d.world_size > 1 else "")
         bar = tqdm(total=todo, desc=desc, unit="img", dynamic_ncols=True)
     error = None
     late: list[str] = []
@@ -411,11 +407,11 @@ def _encode_shards(d: _Dist, out: Path, model: VAE, index: ImageIndex, mine: lis
                 raise TerditError(f"--strict: {index.paths[bad[0][0]]}: {bad[0][1]}")
             late.extend(f"{index.paths[i]} ({why})" for i, why in bad)
             meta = {"settings_hash": settings["settings_hash"], "shard": str(k),
-                    "written_by": f"rank {d.rank} of {d.world}",
+                    "written_by": f"rank {d.rank} of {d.world_size}",
                     "skipped": json.dumps(bad), "settings": json.dumps(settings)}
             save_tensors(out / shard_name(k), tensors, metadata=meta)
     except TerditError as e:
-        error = f"rank {d.rank}: {e}" if d.world > 1 else str(e)
+        error = f"rank {d.rank}: {e}" if d.world_size > 1 else str(e)
     finally:
         if bar is not None:
             bar.close()
