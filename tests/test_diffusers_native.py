@@ -99,6 +99,31 @@ def test_unsafe_serialization_and_subfolder(tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+def test_device_map_places_the_model_through_accelerate(tmp_path):
+    """device_map / max_memory / offload_folder / low_cpu_mem_usage go to diffusers and accelerate: a map that
+    keeps part of the model on the CPU and offloads the rest to disk gives the same outputs as the model saved."""
+    pytest.importorskip("accelerate")
+    model = random_micro()
+    model.save_pretrained(tmp_path / "m")
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), torch.tensor([3, 1])
+    with torch.no_grad():
+        want = model(x, t, y).sample
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    for kwargs in ({"device_map": "cpu"}, {"device_map": "auto"}, {"low_cpu_mem_usage": True},
+                   {"device_map": "auto", "max_memory": {"cpu": size // 2}, "offload_folder": str(tmp_path / "off")}):
+        loaded = TerDiT.from_pretrained(tmp_path / "m", **kwargs)
+        with torch.no_grad():
+            assert torch.equal(loaded(x, t, y).sample, want), kwargs
+        if "max_memory" in kwargs:  # split: the small embedders on the CPU, the blocks on disk
+            assert {str(d) for d in loaded.hf_device_map.values()} == {"cpu", "disk"}
+            assert loaded.hf_device_map["layers"] == "disk"
+    bf16 = TerDiT.from_pretrained(tmp_path / "m", device_map={"": "cpu"}, torch_dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16 and bf16.hf_device_map == {"": "cpu"}
+    export_model(model, tmp_path / "dep", "2bit")  # a packed terdit layout: placement is terdit's own (`device`)
+    with pytest.raises(TerditError, match="device_map do.*not apply"):
+        TerDiT.from_pretrained(tmp_path / "dep", device_map="cpu")
+
+
 def test_packed_deploy_folder_opens_in_the_requested_dtype(tmp_path):
     export_model(random_micro(), tmp_path / "dep", "2bit")
     packed = TerDiT.from_pretrained(tmp_path / "dep", torch_dtype=torch.bfloat16)

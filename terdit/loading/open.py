@@ -158,7 +158,9 @@ def _open_pretrained(cls: type[TerDiT], path: Path, dtype: torch.dtype | None, k
     kwargs.setdefault("low_cpu_mem_usage", importlib.util.find_spec("accelerate") is not None)
     try:
         return ModelMixin.from_pretrained.__func__(cls, str(path), torch_dtype=dtype, **kwargs)
-    except (RuntimeError, ValueError) as e:  # shapes that do not fit, missing tensors
+    except (RuntimeError, ValueError) as e:  # shapes that do not fit, missing tensors; or an option refused
+        if not any(w in str(e).lower() for w in ("shape", "size mismatch", "missing", "unexpected key")):
+            raise TerditError(f"{path}: {_short(e)}") from e
         raise TerditError(f"{path}: the weights file does not match {CONFIG_FILE} ({_short(e)})") from e
     except OSError as e:  # e.g. a variant or file type the folder lacks
         raise TerditError(f"{path}: {_short(e)}") from e

@@ -261,6 +261,7 @@ class TerDiT(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _no_split_modules = ["TransformerBlock"]  # device_map="auto" places whole blocks (residual stream on one device)
 
     @_accepts_terdit_config
     @register_to_config
