@@ -24,15 +24,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
     given = {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
     pick = {k: given[k] if given.get(k) is not None else v for k, v in budget.items()}
-    return Settings(**{**given, **pick, "variants": list(dict.fromkeys(args.variants)), "cfg": list(args.cfg)})
+    if given.get("curve_samples") is None:  # a smaller --num-samples alone also caps the curves' sample count
+        pick["curve_samples"] = min(pick["curve_samples"], pick["num_samples"])
+    return Settings(**{**given, **pick, "variants": list(dict.fromkeys(args.variants)), "cfg": list(args.cfg),
+                       "seeds": list(pick["seeds"])})
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from terdit.experiments.claims import verdict
     from terdit.experiments.reproduce import reproduce
 
     results = reproduce(settings_from_args(args))
     for c in results["claims"]:
-        print(f"({c['id']}) {verdict(c['held'])}: {c['claim']}")
+        print(f"({c['id']}) {c['verdict']}: {c['claim']}")
     print(f"wrote {Path(args.out) / 'report.md'} and results.json in {results['wall_s']:.0f} s")
     return 0

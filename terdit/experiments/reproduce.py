@@ -1,18 +1,21 @@
 """`terdit reproduce`: the paper's comparisons (Tab. I/III, Sec. IV-B, Figs. 7-9) at small scale, in one command.
 
 Every variant is the same model and trainer with different switches (`TrainArgs`), trained on the same data
-with the same seed, step budget and schedule; the post-training-quantization (PTQ) baselines are the trained
-full-precision model passed through `terdit.quant.ptq`. Each checkpoint is evaluated with the EMA weights and
-each result is cached next to the runs, so an interrupted or repeated command picks up where it stopped.
+with the same seed, step budget and schedule, once per training seed; the post-training-quantization (PTQ)
+baselines are the trained full-precision model passed through `terdit.quant.ptq`, the distilled one its
+data-free ternary student. Each checkpoint is evaluated with the EMA weights and each result is cached next to
+the runs, so an interrupted or repeated command picks up where it stopped; seeds run in parallel processes.
 
 Layout of REPORT_DIR::
 
-    runs/<variant>/          ordinary training runs (`terdit sample --run` works on them)
-    evals/<variant>.json     cached evaluations, keyed by checkpoint and evaluation settings
-    samples/<variant>_cfg<S>.png, *.png plots, results.json, report.md
+    seed<k>/runs/<variant>/       ordinary training runs (`terdit sample --run` works on them)
+    seed<k>/evals/<variant>.json  cached evaluations, keyed by checkpoint and evaluation settings
+    seed<k>/samples/<variant>_cfg<S>.png, seed<k>/results.json (that seed's numbers)
+    *.png plots, results.json (every seed, their summaries, the claims), report.md
 
 The parts live beside this module: variants.py (the variants and Settings), runner.py (training and evaluating
-them), evaluation.py (the measurements), claims.py, plots.py and report.py (report.md from report.md.tmpl).
+them), evaluation.py (the measurements), seeds.py (summaries over seeds, comparisons against their noise),
+claims.py, plots.py and report.py (report.md from report.md.tmpl).
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import platform
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ from terdit.experiments.losses import SMOOTHING, final_loss, read_loss_log, smoo
 from terdit.experiments.plots import write_plots
 from terdit.experiments.report import render_report
 from terdit.experiments.runner import RUN_SIGNATURE, evaluate_variant, train_variants
+from terdit.experiments.seeds import convergence, summarize_variant
 from terdit.experiments.variants import FP, VARIANTS, Settings, Variant, train_args_for
 from terdit.io import atomic_write_text
 from terdit.models import runs as runlib
@@ -59,7 +65,7 @@ def machine_info() -> dict[str, Any]:
 
 # -- the whole command -------------------------------------------------------------------------------------------
 def reproduce(s: Settings) -> dict[str, Any]:
-    """Train, evaluate and report every requested variant; returns what results.json holds."""
+    """Train, evaluate and report every requested variant for every seed; returns what results.json holds."""
     s.validate()
     from terdit.models.configs import get_config
 
@@ -67,36 +73,83 @@ def reproduce(s: Settings) -> dict[str, Any]:
     metric_mode(s)
     t0 = time.perf_counter()
     out = Path(s.out)
-    names = list(dict.fromkeys(s.variants))
-    train_names, runs, status = train_variants(names, s)
-    ev = Evaluator(s, torch.device(s.device or default_device()))
+    per_seed = run_seeds(s)
+    names = [n for n in VARIANTS if n in per_seed[s.seeds[0]]["variants"]]
     results: dict[str, Any] = {
         "command": s.command_line(), "sys_argv": list(sys.argv), "machine": machine_info(),
         "settings": dataclasses.asdict(s) | {"lr_drop_step": s.lr_drop_step, "eval_steps": s.eval_steps(),
                                              "smoothing": SMOOTHING,
                                              "ema_decay": train_args_for(VARIANTS["terdit"], s).ema_decay},
-        "metric_mode": ev.mode, "variants": {},
+        "metric_mode": per_seed[s.seeds[0]]["metric_mode"],
+        "per_seed": {str(k): v for k, v in per_seed.items()},
+        "variants": {n: summarize_variant({k: r["variants"][n] for k, r in per_seed.items()}) for n in names},
     }
-    for n in (n for n in VARIANTS if n in names or n in train_names):
-        entry = variant_entry(VARIANTS[n], s, runs, status.get(n, ""))
-        entry["evals"] = evaluate_variant(VARIANTS[n], ev, s, runs)
-        results["variants"][n] = entry
-    results["real_data"] = ev.real_baseline()
-    results["adaln_scale"] = adaln_scales(runs)
+    results["real_data"] = per_seed[s.seeds[0]]["real_data"]
+    results["fid_at_this_size"] = per_seed[s.seeds[0]].get("fid_at_this_size")
+    results["convergence"] = {n: convergence(v, s.steps, s.eval_every, s.cfg[0])
+                              for n, v in results["variants"].items() if v["kind"] == "trained"}
     results["claims"] = judge_claims(results)
     results["wall_s"] = time.perf_counter() - t0
+    results["seed_wall_s"] = {str(k): r["wall_s"] for k, r in per_seed.items()}
+    results["cost"] = study_cost(per_seed)
     write_plots(results, out)
     atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=1) + "\n")
     atomic_write_text(out / "report.md", render_report(results))
     return results
 
 
+def study_cost(per_seed: dict[int, dict[str, Any]]) -> dict[str, float]:
+    """Process-seconds the reported numbers took, summed over seeds, however many invocations they came from
+    (a rerun that reuses every run and evaluation takes seconds; this does not shrink with it)."""
+    train = sum(v.get("train_s") or 0.0 for r in per_seed.values() for v in r["variants"].values())
+    evals = sum(e.get("eval_s") or 0.0 for r in per_seed.values() for v in r["variants"].values() for e in v["evals"])
+    return {"train_s": train, "eval_s": evals}
+
+
+def run_seeds(s: Settings) -> dict[int, dict[str, Any]]:
+    """Every seed's study (OUT/seed<k>), `jobs` of them at once in separate processes, torch's threads split
+    between them; one job runs in this process."""
+    jobs = min(len(s.seeds), s.jobs or len(s.seeds))
+    if jobs == 1:
+        return {k: seed_study(s.for_seed(k)) for k in s.seeds}
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that has torch threads running
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_job_init, initargs=(threads,)) as pool:
+        futures = {k: pool.submit(seed_study, s.for_seed(k)) for k in s.seeds}
+        return {k: f.result() for k, f in futures.items()}
+
+
+def _job_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def seed_study(s: Settings) -> dict[str, Any]:
+    """One seed: train (or reuse) its runs, evaluate them, and write OUT/seed<k>/results.json."""
+    from terdit.experiments import runner
+
+    runner.LOG_PREFIX = f"seed {s.seed}: "
+    t0 = time.perf_counter()
+    names = list(dict.fromkeys(s.variants))
+    train_names, runs, status = train_variants(names, s)
+    ev = Evaluator(s, torch.device(s.device or default_device()))
+    results: dict[str, Any] = {"seed": s.seed, "metric_mode": ev.mode, "variants": {}}
+    for n in (n for n in VARIANTS if n in names or n in train_names):
+        entry = variant_entry(VARIANTS[n], s, runs, status.get(n, ""))
+        entry["evals"] = evaluate_variant(VARIANTS[n], ev, s, runs)
+        results["variants"][n] = entry
+    results["real_data"] = ev.real_baseline(s.num_samples)
+    results["fid_at_this_size"] = ev.fid_at_this_size()
+    results["adaln_scale"] = adaln_scales(runs)
+    results["wall_s"] = time.perf_counter() - t0
+    atomic_write_text(Path(s.out) / "results.json", json.dumps(_jsonable(results), indent=1) + "\n")
+    return results
+
+
 def variant_entry(v: Variant, s: Settings, runs: dict[str, Path], status: str) -> dict[str, Any]:
     """A variant's row of results.json before its evaluations: its run's loss log and timings, or its PTQ recipe."""
     out = Path(s.out)
-    entry: dict[str, Any] = {"label": v.label, "kind": "trained" if v.trained else "ptq"}
-    if not v.trained:
-        assert v.ptq is not None
+    entry: dict[str, Any] = {"label": v.label, "kind": v.kind}
+    if v.ptq:
         entry.update(source_run=str(runs[FP].relative_to(out)), method=v.ptq[0], granularity=v.ptq[1])
         return entry
     run = runs[v.name]
@@ -106,7 +159,7 @@ def variant_entry(v: Variant, s: Settings, runs: dict[str, Path], status: str) -
                  final_loss=final_loss(losses), final_loss_smoothed=float(smooth(losses)[-1]) if losses else None,
                  ema_decay=args.get("ema_decay"), train_args={k: args.get(k) for k in RUN_SIGNATURE},
                  loss_steps=steps, loss=losses)
-    entry["s_per_step"] = entry["train_s"] / max(1, s.steps)
+    entry["s_per_step"] = entry["train_s"] / max(1, args.get("steps") or s.steps)
     return entry
 
 

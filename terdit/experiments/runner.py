@@ -18,28 +18,31 @@ from torch import nn
 
 from terdit.errors import TerditError
 from terdit.experiments.evaluation import Evaluator, ptq_model
-from terdit.experiments.variants import FP, VARIANTS, Settings, Variant, train_args_for
+from terdit.experiments.variants import DISTILL_POOL, FP, VARIANTS, Settings, Variant, train_args_for
 from terdit.io import atomic_dir, atomic_write_text
 from terdit.models import runs as runlib
 
 # the TrainArgs that make two runs the same computation: a run folder is reused only when they match
-RUN_SIGNATURE = ("config", "linear", "adaln_norm", "data", "steps", "batch_size", "lr", "lr_drop_step",
+RUN_SIGNATURE = ("config", "linear", "adaln_norm", "act_bits", "data", "steps", "batch_size", "lr", "lr_drop_step",
                  "lr_after_drop", "seed", "ema_decay")
+
+
+LOG_PREFIX = ""  # "seed k: " in a seed's process
 
 
 def log(msg: str) -> None:
     """Progress on stdout, one line per step of the work."""
-    print(f"[reproduce] {msg}", flush=True)
+    print(f"[reproduce] {LOG_PREFIX}{msg}", flush=True)
 
 
 # -- training -------------------------------------------------------------------------------------------------
 def train_variants(names: list[str], s: Settings) -> tuple[list[str], dict[str, Path], dict[str, str]]:
     """Train (or resume, or reuse) the runs the requested variants need: (their names, run folders, statuses).
 
-    PTQ variants need the full-precision run; terdit also leaves a checkpoint where terdit-lr-drop drops its LR,
-    for that run to continue from."""
+    PTQ and distilled variants need the full-precision run (trained first); terdit also leaves a checkpoint where
+    terdit-lr-drop drops its LR, for that run to continue from."""
     needs_fp = any(not VARIANTS[n].trained for n in names)
-    train_names = [n for n in VARIANTS if VARIANTS[n].trained and (n in names or (n == FP and needs_fp))]
+    train_names = [n for n in VARIANTS if not VARIANTS[n].ptq and (n in names or (n == FP and needs_fp))]
     runs: dict[str, Path] = {}
     status: dict[str, str] = {}
     for n in train_names:
@@ -57,21 +60,22 @@ def ensure_trained(variant: Variant, s: Settings, stop_at: int | None = None) ->
     args = train_args_for(variant, s)
     run = Path(args.out)
     ckpts = runlib.checkpoint_dirs(run)
+    steps = args.steps
     if ckpts:
         stored = runlib.load_train_args(run)
         diff = [f"{k}: {stored.get(k)!r} there, {getattr(args, k)!r} now" for k in RUN_SIGNATURE
                 if k != "steps" and stored.get(k) != getattr(args, k)]
         done = int(ckpts[-1].name)
-        if done > s.steps:
-            diff.append(f"trained to step {done}, {s.steps} asked for")
+        if done > steps:
+            diff.append(f"trained to step {done}, {steps} asked for")
         if diff:
             raise TerditError(f"{run} was trained with other settings ({'; '.join(diff)}); choose another --out "
                               f"or delete that run folder")
-        if done == s.steps:
+        if done == steps:
             return run, "reused"
         log(f"{variant.name}: resuming from step {done}")
         args.resume = True
-        Trainer(args).run()
+        _trainer(variant, args, s).run()
         return run, "resumed"
     if run.exists():  # a start that died before its first checkpoint: nothing worth keeping
         shutil.rmtree(run)
@@ -82,12 +86,24 @@ def ensure_trained(variant: Variant, s: Settings, stop_at: int | None = None) ->
         args.resume = True
         Trainer(args).run()
         return run, f"branched from terdit at step {args.lr_drop_step}"
-    log(f"{variant.name}: training {s.steps} steps ({variant.label})")
-    if stop_at is not None and 0 < stop_at < s.steps and stop_at % s.eval_every:
+    log(f"{variant.name}: training {steps} steps ({variant.label})")
+    if stop_at is not None and 0 < stop_at < steps and stop_at % s.eval_every:
         Trainer(dataclasses.replace(args, steps=stop_at)).run()
         args.resume = True
-    Trainer(args).run()
+    _trainer(variant, args, s).run()
     return run, "trained"
+
+
+def _trainer(variant: Variant, args, s: Settings):
+    """terdit train's Trainer, or for the distilled variant terdit distill's, taught by the full-precision run."""
+    from terdit.training.trainer import Trainer
+
+    if not variant.distilled:
+        return Trainer(args)
+    from terdit.training.distill import DistillArgs, Distiller
+
+    teacher = Path(s.out) / "runs" / FP
+    return Distiller(args, DistillArgs(teacher=str(teacher), **DISTILL_POOL))
 
 
 def branch_run(parent: Path, args) -> bool:
@@ -152,45 +168,54 @@ def _stamp(ckpt: Path) -> list:
 
 
 def evaluate_variant(variant: Variant, ev: Evaluator, s: Settings, runs: dict[str, Path]) -> list[dict[str, Any]]:
-    """Evaluations at every checkpoint (first cfg) and at the last checkpoint (every cfg, with sample grids).
+    """Evaluations at every checkpoint (first cfg, curve_samples) and at the last one (every cfg, with sample
+    grids; num_samples at the first cfg).
 
-    PTQ variants are evaluated at the full-precision run's last checkpoint only."""
-    src = runs[variant.name if variant.trained else FP]
+    PTQ variants are evaluated at the full-precision run's last checkpoint, the distilled one at its own last;
+    both are recorded at the study's last step, the point they are compared at."""
+    src = runs[FP if variant.ptq else variant.name]
     ckpts = {int(p.name): p for p in runlib.checkpoint_dirs(src)}
     shared = [EvalCache(Path(s.out) / "evals" / f"{n}.json") for n in runs if n != variant.name]
     wanted = [st for st in s.eval_steps() if st in ckpts] if variant.trained else [s.steps]
     cache = EvalCache(Path(s.out) / "evals" / f"{variant.name}.json")
     results = []
     for step in wanted:
+        ckpt = ckpts[step] if variant.trained or variant.ptq else ckpts[max(ckpts)]
         for cfg in (s.cfg if step == s.steps else s.cfg[:1]):
-            grid = Path(s.out) / "samples" / f"{variant.name}_cfg{cfg:g}.png" if step == s.steps else None
-            key = f"step={step} cfg={cfg:g} n={s.num_samples} S={s.sample_steps} seed={s.seed} mode={ev.mode}"
-            stamp = _stamp(ckpts[step])
+            last = step == s.steps
+            n = s.num_samples if last and cfg == s.cfg[0] else s.curve_samples
+            grid = Path(s.out) / "samples" / f"{variant.name}_cfg{cfg:g}.png" if last else None
+            key = f"step={step} cfg={cfg:g} n={n} S={s.sample_steps} seed={s.seed} mode={ev.mode}"
+            stamp = _stamp(ckpt)
             entry = cache.get(key, stamp, grid)
             if entry is None and grid is None:  # a checkpoint copied from another run (terdit-lr-drop's start)
                 entry = next((c.get(key, stamp, None) for c in shared if c.get(key, stamp, None)), None)
                 if entry is not None:
                     cache.put(key, entry)
             if entry is None:
-                log(f"{variant.name}: evaluating step {step}, cfg {cfg:g}")
-                if variant.trained:
-                    model = runlib.load_run_model(src, ema=True, checkpoint=ckpts[step], device=str(ev.device))
-                    extra: dict[str, Any] = {}
-                else:
-                    method, granularity = variant.ptq  # type: ignore[misc]
-                    model, reports = ptq_model(src, method, granularity, ckpts[step], str(ev.device))
-                    levels = [distinct_levels(lin.weight) for lin in _ptq_linears(model)]
-                    extra = {"ptq": {"method": method, "granularity": granularity, "source": str(src),
-                                     "source_step": step, "layers": len(reports),
-                                     "mean_rel_error": float(np.mean([r.rel_error for r in reports])),
-                                     "max_levels_per_tensor": max(a for a, _ in levels),
-                                     "max_levels_per_row": max(b for _, b in levels)}}
-                entry = {"step": step, "cfg": cfg, **ev.measure(model, cfg, grid), **extra, "stamp": stamp}
+                log(f"{variant.name}: evaluating step {step}, cfg {cfg:g}, {n} samples")
+                model, extra = _model_to_evaluate(variant, src, ckpt, str(ev.device))
+                entry = {"step": step, "cfg": cfg, **ev.measure(model, cfg, grid, n), **extra, "stamp": stamp}
                 if grid is not None:
                     entry["grid"] = str(grid.relative_to(s.out))
                 cache.put(key, entry)
             results.append({k: v for k, v in entry.items() if k != "stamp"})
     return results
+
+
+def _model_to_evaluate(variant: Variant, src: Path, ckpt: Path, device: str) -> tuple[nn.Module, dict[str, Any]]:
+    """The EMA model of a checkpoint (PTQ variants: quantized), and what the evaluation records about it."""
+    if not variant.ptq:
+        extra = {"distill_steps": int(ckpt.name)} if variant.distilled else {}
+        return runlib.load_run_model(src, ema=True, checkpoint=ckpt, device=device), extra
+    method, granularity = variant.ptq
+    model, reports = ptq_model(src, method, granularity, ckpt, device)
+    levels = [distinct_levels(lin.weight) for lin in _ptq_linears(model)]
+    return model, {"ptq": {"method": method, "granularity": granularity, "source": str(src),
+                           "source_step": int(ckpt.name), "layers": len(reports),
+                           "mean_rel_error": float(np.mean([r.rel_error for r in reports])),
+                           "max_levels_per_tensor": max(a for a, _ in levels),
+                           "max_levels_per_row": max(b for _, b in levels)}}
 
 
 def _ptq_linears(model: nn.Module) -> list[nn.Linear]:

@@ -7,6 +7,7 @@ full-precision model passed through `terdit.quant.ptq`.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,10 +26,16 @@ class Variant:
     label: str
     train: dict[str, Any] = field(default_factory=dict)  # TrainArgs overrides; empty for PTQ variants
     ptq: tuple[str, str] | None = None  # (method, granularity)
+    distilled: bool = False  # a ternary student distilled data-free from the full-precision run (terdit distill)
 
     @property
     def trained(self) -> bool:
-        return self.ptq is None
+        """Trained from scratch for the study's step budget (not derived from the full-precision run)."""
+        return self.ptq is None and not self.distilled
+
+    @property
+    def kind(self) -> str:
+        return "trained" if self.trained else "ptq" if self.ptq else "distilled"
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -37,6 +44,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("terdit-no-norm", "TerDiT without adaLN RMSNorm", {"linear": "ternary", "adaln_norm": False}),
     Variant("bitnet", "BitNet b1.58 (QAT)", {"linear": "bitnet", "adaln_norm": False}),
     Variant("terdit-lr-drop", "TerDiT, LR 5e-4 -> 1e-4", {"linear": "ternary", "adaln_norm": True, "lr_drop": True}),
+    Variant("terdit-a8", "TerDiT with 8-bit activations (QAT, exact on the CPU integer path)",
+            {"linear": "ternary", "adaln_norm": True, "act_bits": 8}),
+    Variant("terdit-distilled", "TerDiT distilled data-free from the full-precision run", distilled=True),
     Variant("ptq-ternary-tensor", "PTQ ternary, per tensor", ptq=("ternary", "tensor")),
     Variant("ptq-ternary-channel", "PTQ ternary, per channel", ptq=("ternary", "channel")),
     Variant("ptq-2bit-tensor", "PTQ 2-bit, per tensor", ptq=("2bit", "tensor")),
@@ -45,8 +55,13 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
 FP = "full-precision"
 COLORS = {n: f"C{k}" for k, n in enumerate(VARIANTS)}  # one colour per variant in every plot
 
-FULL_BUDGET = dict(steps=2000, batch_size=128, eval_every=500, num_samples=500, sample_steps=50)
-QUICK_BUDGET = dict(steps=30, batch_size=32, eval_every=15, num_samples=100, sample_steps=10)
+FULL_BUDGET = dict(steps=3000, batch_size=128, eval_every=500, num_samples=2000, curve_samples=500, sample_steps=50,
+                   seeds=[0, 1, 2], distill_steps=500)
+QUICK_BUDGET = dict(steps=30, batch_size=32, eval_every=15, num_samples=100, curve_samples=50, sample_steps=10,
+                    seeds=[0, 1], distill_steps=10)
+# the distilled variant's teacher pool (benchmarks/distill_digits.py's settings, where 500 steps reached 1.27x the
+# teacher's FID at cfg 1.5)
+DISTILL_POOL = dict(pool_size=512, pool_reuse=8, pool_steps=10)
 
 
 @dataclass
@@ -62,11 +77,19 @@ class Settings:
     lr: float = setting(TrainArgs.lr, cli=False)  # the trainer's defaults: every variant trains as terdit train
     lr_after_drop: float = setting(TrainArgs.lr_after_drop, cli=False)
     lr_drop_fraction: float = setting(0.75, "where terdit-lr-drop drops its LR", type=float)
-    seed: int = setting(0, type=int)
+    seeds: list[int] = setting(help="training seeds: every trained variant runs once per seed",
+                               type=int, nargs="+", default_factory=lambda: list(FULL_BUDGET["seeds"]))
+    jobs: int = setting(0, "seeds trained and evaluated at once in separate processes, torch's threads split "
+                        "between them (0: every seed at once)", type=int)
     variants: list[str] = setting(help=f"which rows to produce (default all): {', '.join(VARIANTS)}",
                                   choices=list(VARIANTS), nargs="+", metavar="NAME",
                                   default_factory=lambda: list(VARIANTS))
-    num_samples: int = setting(FULL_BUDGET["num_samples"], "samples per evaluation", type=positive_int)
+    num_samples: int = setting(FULL_BUDGET["num_samples"], "samples per evaluation of the last checkpoint at the "
+                               "first cfg (the claims' numbers)", type=positive_int)
+    curve_samples: int = setting(FULL_BUDGET["curve_samples"], "samples per evaluation of earlier checkpoints and "
+                                 "other cfgs (the curves); the FID of the first this many of the last checkpoint's "
+                                 "samples continues the curve", type=positive_int)
+    distill_steps: int = setting(FULL_BUDGET["distill_steps"], "training steps of terdit-distilled", type=positive_int)
     sample_steps: int = setting(FULL_BUDGET["sample_steps"], "DDPM sampling steps", type=positive_int)
     cfg: list[float] = setting(help="guidance scales: the first at every checkpoint and for the claims, all at the "
                                "last", type=float, nargs="+", default_factory=lambda: [1.5, 4.0])
@@ -75,6 +98,15 @@ class Settings:
                            choices=["auto", "digits", "loss"])
     device: str | None = device_setting("cpu or cuda (default: cuda if present)")
     progress: bool = setting(True)
+
+    @property
+    def seed(self) -> int:
+        """The seed of a one-seed Settings (see for_seed)."""
+        return self.seeds[0]
+
+    def for_seed(self, seed: int) -> Settings:
+        """The one-seed study inside OUT/seed<k>: its runs, evaluations and sample grids."""
+        return dataclasses.replace(self, out=str(Path(self.out) / f"seed{seed}"), seeds=[seed])
 
     @property
     def lr_drop_step(self) -> int:
@@ -89,6 +121,11 @@ class Settings:
             (not unknown, f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}"),
             (self.steps >= 2, f"--steps must be >= 2 (the LR-drop ablation needs a step to drop at), got {self.steps}"),
             (self.num_samples >= 10, f"--num-samples must be >= 10, got {self.num_samples}"),
+            (10 <= self.curve_samples <= self.num_samples,
+             f"--curve-samples must be in [10, --num-samples], got {self.curve_samples}"),
+            (bool(self.seeds) and len(set(self.seeds)) == len(self.seeds) and min(self.seeds) >= 0,
+             f"--seeds must be distinct and >= 0, got {self.seeds}"),
+            (self.jobs >= 0, f"--jobs must be >= 0, got {self.jobs}"),
             (1 <= self.sample_steps <= 1000, f"--sample-steps must be in [1, 1000], got {self.sample_steps}"),
             (bool(self.cfg) and all(c >= 0 for c in self.cfg), f"--cfg values must be >= 0, got {self.cfg}"),
             (self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}"),
@@ -104,8 +141,10 @@ class Settings:
         parts = ["terdit", "reproduce", "--out", self.out, "--config", self.config]
         if self.data:
             parts += ["--data", self.data]
-        parts += ["--steps", str(self.steps), "--batch-size", str(self.batch_size), "--seed", str(self.seed),
-                  "--eval-every", str(self.eval_every), "--num-samples", str(self.num_samples),
+        parts += ["--steps", str(self.steps), "--batch-size", str(self.batch_size),
+                  "--seeds", *map(str, self.seeds), "--eval-every", str(self.eval_every),
+                  "--num-samples", str(self.num_samples), "--curve-samples", str(self.curve_samples),
+                  "--distill-steps", str(self.distill_steps),
                   "--sample-steps", str(self.sample_steps), "--cfg", *[f"{c:g}" for c in self.cfg],
                   "--lr-drop-fraction", f"{self.lr_drop_fraction:g}", "--metrics", self.metrics,
                   "--variants", *self.variants]
@@ -115,7 +154,17 @@ class Settings:
 
 
 def train_args_for(variant: Variant, s: Settings) -> TrainArgs:
-    """The variant's TrainArgs: shared settings plus its switches, nothing tuned per variant."""
+    """The variant's TrainArgs: shared settings plus its switches, nothing tuned per variant.
+
+    The distilled variant takes its model from the teacher and trains `distill_steps` with the same batch and LR."""
+    if variant.ptq:
+        raise TerditError(f"{variant.name} is not trained: it quantizes the full-precision run")
+    if variant.distilled:
+        return TrainArgs(out=str(Path(s.out) / "runs" / variant.name), steps=s.distill_steps,  # data-free: no data
+                         batch_size=s.batch_size, lr=s.lr, seed=s.seed, ckpt_every=s.distill_steps,
+                         keep_checkpoints=10**9, log_every=1, sample_steps=s.sample_steps, tensorboard=False,
+                         progress=s.progress, device=s.device, ema_decay=TrainArgs(steps=s.distill_steps)
+                         .resolved_ema_decay())
     sw = dict(variant.train)
     drop = sw.pop("lr_drop", False)
     args = TrainArgs(
