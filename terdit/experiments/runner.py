@@ -102,7 +102,7 @@ def _trainer(variant: Variant, args, s: Settings):
         return Trainer(args)
     from terdit.training.distill import DistillArgs, Distiller
 
-    teacher = Path(s.out) / "runs" / FP
+    teacher = train_args_for(VARIANTS[FP], s).out  # the run folder train_variants trained first
     return Distiller(args, DistillArgs(teacher=str(teacher), **DISTILL_POOL))
 
 
