@@ -71,15 +71,19 @@ def ensure_trained(variant: Variant, s: Settings, stop_at: int | None = None) ->
         if diff:
             raise TerditError(f"{run} was trained with other settings ({'; '.join(diff)}); choose another --out "
                               f"or delete that run folder")
+        if variant.distilled:
+            _check_teacher_unchanged(run, s)
         if done == steps:
             return run, "reused"
         log(f"{variant.name}: resuming from step {done}")
         args.resume = True
+        if stop_at is not None and done < stop_at < steps and stop_at % s.eval_every:
+            Trainer(dataclasses.replace(args, steps=stop_at)).run()  # leave the checkpoint terdit-lr-drop starts at
         _trainer(variant, args, s).run()
         return run, "resumed"
     if run.exists():  # a start that died before its first checkpoint: nothing worth keeping
         shutil.rmtree(run)
-    parent = Path(s.out) / "runs" / "terdit"
+    parent = Path(train_args_for(VARIANTS["terdit"], s).out)
     if args.lr_drop_step is not None and runlib.checkpoint_dirs(parent) and branch_run(parent, args):
         log(f"{variant.name}: continuing terdit's checkpoint at step {args.lr_drop_step} with lr "
              f"{args.lr_after_drop:g}")
@@ -92,6 +96,16 @@ def ensure_trained(variant: Variant, s: Settings, stop_at: int | None = None) ->
         args.resume = True
     _trainer(variant, args, s).run()
     return run, "trained"
+
+
+def _check_teacher_unchanged(run: Path, s: Settings) -> None:
+    """A distilled run is reused only while its teacher (the full-precision run's last checkpoint) is the one it
+    learned from: a teacher trained further since (a longer --steps) makes it stale."""
+    teacher = runlib.checkpoint_dirs(train_args_for(VARIANTS[FP], s).out)
+    first = runlib.checkpoint_dirs(run)[0]
+    if teacher and _stamp(teacher[-1])[1] > _stamp(first)[1]:
+        raise TerditError(f"{run} was distilled from an earlier full-precision checkpoint than "
+                          f"{teacher[-1]}; delete that run folder to distill it again")
 
 
 def _trainer(variant: Variant, args, s: Settings):
