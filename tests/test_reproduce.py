@@ -31,6 +31,7 @@ from terdit.training.trainer import Trainer
 QUICK = ["reproduce", "--quick", "--config", "TerDiT-Micro", "--no-progress"]
 METRICS = ("fid", "inception_score", "precision", "recall", "class_acc", "eval_loss")
 SEEDS = ("0", "1")  # the quick budget's seeds
+DROP = 24  # terdit-lr-drop's step: 80% of the quick budget's 30
 VERDICTS = (HELD, NOT_HELD, INCONCLUSIVE, NOT_TESTED)
 
 
@@ -192,24 +193,57 @@ def test_variants_are_switches_of_one_recipe(report):
         assert len({json.dumps(a[key]) for a in args.values()}) == 1, key
     for seed in SEEDS:
         drop = args[seed, "terdit-lr-drop"]
-        assert drop["lr_drop_step"] == 22 and drop["lr_after_drop"] == 1e-4
+        assert drop["lr_drop_step"] == DROP and drop["lr_after_drop"] == 1e-4
     assert all(a["lr_drop_step"] is None for (_, n), a in args.items() if n != "terdit-lr-drop")
 
 
 def test_lr_drop_run_continues_terdit_exactly(report, tmp_path):
-    """The LR-drop run branches from terdit's step-22 checkpoint; the result equals training it from scratch."""
+    """The LR-drop run branches from terdit's checkpoint at 80% of the steps; the result equals training it from
+    scratch."""
     r, out = report["first"], report["out"]
     v, t = r["per_seed"]["0"]["variants"]["terdit-lr-drop"], r["per_seed"]["0"]["variants"]["terdit"]
-    assert v["status"] == "branched from terdit at step 22"
-    assert v["loss"][:22] == t["loss"][:22] and v["loss"][22:] != t["loss"][22:]
+    assert v["status"] == f"branched from terdit at step {DROP}"
+    assert v["loss"][:DROP] == t["loss"][:DROP] and v["loss"][DROP:] != t["loss"][DROP:]
     log = [json.loads(x) for x in (out / "seed0" / "runs" / "terdit-lr-drop" / "log.jsonl").read_text().splitlines()]
-    assert {e["lr"] for e in log if e["step"] > 22} == {1e-4} and {e["lr"] for e in log if e["step"] <= 22} == {5e-4}
+    assert {e["lr"] for e in log if e["step"] > DROP} == {1e-4}
+    assert {e["lr"] for e in log if e["step"] <= DROP} == {5e-4}
     s = Settings(out=str(tmp_path), config="TerDiT-Micro", steps=30, batch_size=32, eval_every=15, progress=False,
-                 seeds=[0])
+                 seeds=[0], ema_horizon=3)
     args = train_args_for(VARIANTS["terdit-lr-drop"], s)
     Trainer(args).run()
     scratch = [json.loads(x)["loss"] for x in (Path(args.out) / "log.jsonl").read_text().splitlines()]
     assert scratch == v["loss"]
+
+
+def test_a_longer_budget_continues_the_runs_exactly(tmp_path):
+    """Raising --steps resumes each run (the EMA horizon does not scale with the budget, so it is the same run):
+    terdit, resumed, still leaves the checkpoint the new LR drop branches from, and ends equal to a run trained
+    to the longer budget from scratch (losses and EMA weights); a distilled run whose teacher (the full-precision
+    run) trained further is refused rather than reused."""
+    from safetensors.torch import load_file
+
+    from terdit.experiments.runner import train_variants
+
+    def study(out: Path, steps: int) -> Settings:
+        return Settings(out=str(out), config="TerDiT-Micro", steps=steps, batch_size=8, eval_every=10,
+                        ema_horizon=3, distill_steps=2, progress=False, seeds=[0])
+
+    train_variants(["terdit", "terdit-distilled"], study(tmp_path / "a", 20))
+    longer = study(tmp_path / "a", 30)
+    _, runs, status = train_variants(["terdit", "terdit-lr-drop"], longer)
+    assert status == {"terdit": "resumed", "terdit-lr-drop": f"branched from terdit at step {DROP}"}
+    assert (runs["terdit"] / "checkpoints" / f"{DROP:07d}").is_dir()
+    _, scratch, _ = train_variants(["terdit"], study(tmp_path / "b", 30))
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(x)["loss"] for x in (run / "log.jsonl").read_text().splitlines()]
+
+    assert losses(runs["terdit"]) == losses(scratch["terdit"]) and len(losses(scratch["terdit"])) == 30
+    ema = [load_file(r["terdit"] / "checkpoints" / "0000030" / "ema.safetensors") for r in (runs, scratch)]
+    assert ema[0].keys() == ema[1].keys() and all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
+    train_variants(["full-precision"], longer)  # the teacher trains on to 30 steps
+    with pytest.raises(TerditError, match="distilled from an earlier full-precision checkpoint"):
+        train_variants(["terdit-distilled"], longer)
 
 
 def _block_linears(model):

@@ -80,7 +80,7 @@ def _summary_eval(r: dict[str, Any], name: str, cfg: float) -> dict[str, Any]:
 def _budget(t: ReportTemplate, s: dict[str, Any]) -> str:
     """Which budget the settings are, and what the command changed of it."""
     base = QUICK_BUDGET if s["quick"] else FULL_BUDGET
-    changed = ", ".join(f"{k} {s[k]}" for k, v in base.items() if s.get(k) != v)
+    changed = ", ".join(f"{k} {s[k]}" for k, v in base.items() if k in s and s[k] != v)  # older results lack some
     name = t.text("budget_quick" if s["quick"] else "budget_full")
     return t.text("budget_changed", budget=name, changed=changed) if changed else name
 

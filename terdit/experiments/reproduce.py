@@ -84,8 +84,10 @@ def reproduce(s: Settings) -> dict[str, Any]:
         "per_seed": {str(k): v for k, v in per_seed.items()},
         "variants": {n: summarize_variant({k: r["variants"][n] for k, r in per_seed.items()}) for n in names},
     }
-    results["real_data"] = per_seed[s.seeds[0]]["real_data"]
-    results["fid_at_this_size"] = per_seed[s.seeds[0]].get("fid_at_this_size")
+    # real data's scores need no trained model: computed once here, with the first seed's sample order
+    base = Evaluator(s.for_seed(s.seeds[0]), torch.device(s.device or default_device()))
+    results["real_data"] = base.real_baseline(s.num_samples)
+    results["fid_at_this_size"] = base.fid_at_this_size()
     results["convergence"] = {n: convergence(v, s.steps, s.eval_every, s.cfg[0])
                               for n, v in results["variants"].items() if v["kind"] == "trained"}
     results["claims"] = judge_claims(results)
@@ -137,8 +139,6 @@ def seed_study(s: Settings) -> dict[str, Any]:
         entry = variant_entry(VARIANTS[n], s, runs, status.get(n, ""))
         entry["evals"] = evaluate_variant(VARIANTS[n], ev, s, runs)
         results["variants"][n] = entry
-    results["real_data"] = ev.real_baseline(s.num_samples)
-    results["fid_at_this_size"] = ev.fid_at_this_size()
     results["adaln_scale"] = adaln_scales(runs)
     results["wall_s"] = time.perf_counter() - t0
     atomic_write_text(Path(s.out) / "results.json", json.dumps(_jsonable(results), indent=1) + "\n")
