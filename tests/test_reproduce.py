@@ -95,6 +95,11 @@ def test_every_variant_is_trained_sampled_and_evaluated_for_every_seed(report):
     train = sum(v.get("train_s") or 0 for sr in r["per_seed"].values() for v in sr["variants"].values())
     assert r["cost"]["train_s"] == pytest.approx(train) and r["cost"]["eval_s"] > 0
     assert report["second"]["cost"] == r["cost"]  # reused runs and evaluations keep their cost
+    ledger = json.loads((report["out"] / "invocations.json").read_text())  # both commands, the study's wall time
+    assert [e["wall_s"] for e in ledger] == [round(r["wall_s"], 1), round(report["second"]["wall_s"], 1)]
+    assert report["second"]["invocations"] == ledger and r["invocations"] == ledger[:1]
+    assert f"commands run on this folder (invocations.json) took {sum(e['wall_s'] for e in ledger) / 3600:.2f} h" \
+        in text
 
 
 def test_seeds_differ_and_are_summarized_as_mean_and_sd(report):
@@ -311,7 +316,7 @@ def test_rerun_reuses_finished_runs_and_evaluations(report):
     after = {p: p.stat().st_mtime_ns for p in report["out"].glob("seed*/runs/**/*") if p.is_file()}
     assert after == report["files"]  # nothing retrained or rewritten
     assert {p: p.read_text() for p in report["out"].glob("seed*/evals/*.json")} == report["evals"]
-    strip = ("wall_s", "seed_wall_s", "machine", "sys_argv", "per_seed", "variants", "cost")
+    strip = ("wall_s", "seed_wall_s", "machine", "sys_argv", "per_seed", "variants", "cost", "invocations")
     assert {k: v for k, v in report["second"].items() if k not in strip} == \
         {k: v for k, v in report["first"].items() if k not in strip}
 

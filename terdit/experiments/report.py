@@ -90,7 +90,9 @@ def _header(t: ReportTemplate, r: dict[str, Any]) -> list[str]:
     s, m, cfgs = r["settings"], r["machine"], r["settings"]["cfg"]
     seed_wall = ", ".join(f"seed {k}: {v:.0f} s" for k, v in r.get("seed_wall_s", {}).items())
     cost = r.get("cost") or {}
+    ledger = r.get("invocations") or [{"wall_s": r["wall_s"]}]
     fields = {**s, "command": r["command"], "wall_s": r["wall_s"], "n_seeds": len(s["seeds"]),
+              "n_invocations": len(ledger), "total_wall_h": sum(e["wall_s"] for e in ledger) / 3600,
               "train_h": cost.get("train_s", 0.0) / 3600, "eval_h": cost.get("eval_s", 0.0) / 3600,
               "budget": _budget(t, s),
               "jobs": min(len(s["seeds"]), s["jobs"] or len(s["seeds"])), "seed_wall": seed_wall or "–",

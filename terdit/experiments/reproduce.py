@@ -12,6 +12,7 @@ Layout of REPORT_DIR::
     seed<k>/evals/<variant>.json  cached evaluations, keyed by checkpoint and evaluation settings
     seed<k>/samples/<variant>_cfg<S>.png, seed<k>/results.json (that seed's numbers)
     *.png plots, results.json (every seed, their summaries, the claims), report.md
+    invocations.json              every command run on the folder and its wall time (their sum: the study's)
 
 The parts live beside this module: variants.py (the variants and Settings), runner.py (training and evaluating
 them), evaluation.py (the measurements), seeds.py (summaries over seeds, comparisons against their noise),
@@ -29,6 +30,7 @@ import platform
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +73,7 @@ def reproduce(s: Settings) -> dict[str, Any]:
 
     get_config(s.config)  # an unknown name or an impossible metric fails before anything is written
     metric_mode(s)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), datetime.now(timezone.utc).isoformat(timespec="seconds")
     out = Path(s.out)
     per_seed = run_seeds(s)
     names = [n for n in VARIANTS if n in per_seed[s.seeds[0]]["variants"]]
@@ -93,11 +95,25 @@ def reproduce(s: Settings) -> dict[str, Any]:
     results["claims"] = judge_claims(results)
     results["wall_s"] = time.perf_counter() - t0
     results["seed_wall_s"] = {str(k): r["wall_s"] for k, r in per_seed.items()}
+    results["invocations"] = record_invocation(out, started, results["wall_s"], results["command"])
     results["cost"] = study_cost(per_seed)
     write_plots(results, out)
     atomic_write_text(out / "results.json", json.dumps(_jsonable(results), indent=1) + "\n")
     atomic_write_text(out / "report.md", render_report(results))
     return results
+
+
+INVOCATIONS = "invocations.json"  # OUT's ledger: every reproduce command run on it, with its wall time
+
+
+def record_invocation(out: Path, started: str, wall_s: float, command: str) -> list[dict[str, Any]]:
+    """Append this command to OUT/invocations.json and return the whole ledger: the study's total wall time is
+    its sum, however many commands (interrupted, resumed, extended) built the numbers."""
+    path = out / INVOCATIONS
+    ledger = json.loads(path.read_text()) if path.is_file() else []
+    ledger.append({"started": started, "wall_s": round(wall_s, 1), "command": command})
+    atomic_write_text(path, json.dumps(ledger, indent=1) + "\n")
+    return ledger
 
 
 def study_cost(per_seed: dict[int, dict[str, Any]]) -> dict[str, float]:
