@@ -11,7 +11,7 @@ import torch
 
 from terdit.errors import TerditError
 from terdit.io import load_tensors
-from terdit.training.trainer import StepBatchSampler, TrainArgs, Trainer
+from terdit.training.trainer import StepBatchSampler, TrainArgs, Trainer, make_optimizer
 
 FAST = dict(config="TerDiT-Micro", batch_size=16, log_every=1, sample_steps=4, tensorboard=False, progress=False)
 
@@ -69,6 +69,29 @@ def _torchrun(tmp_path: Path, args: dict) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(Path(__file__).with_name("ddp_worker.py")), json.dumps(args)]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+
+
+def test_trainer_optimizer_is_fused_on_cpu_and_steps_as_plain_adamw():
+    from terdit.models import TerDiT, get_config
+
+    torch.manual_seed(0)
+    model = TerDiT(get_config("TerDiT-Micro"))
+    twin = TerDiT(get_config("TerDiT-Micro"))
+    twin.load_state_dict(model.state_dict())
+    start = [p.detach().clone() for p in model.parameters()]
+    fused = make_optimizer(model.parameters(), lr=1e-3, weight_decay=0.01)
+    plain = torch.optim.AdamW(twin.parameters(), lr=1e-3, weight_decay=0.01, foreach=False)
+    assert fused.defaults["fused"] and not plain.defaults["fused"]
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    for (name, p), q, p0 in zip(model.named_parameters(), twin.parameters(), start):
+        assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), name
+        assert (p - p0).abs().max() > 1e-4, name  # 3 steps of lr 1e-3 moved it 100x the tolerance
 
 
 def test_two_process_ddp_and_fsdp_on_cpu(tmp_path):

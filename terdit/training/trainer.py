@@ -211,6 +211,21 @@ class StepBatchSampler(Sampler[list[int]]):
         return 2**62
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # torch has a fused AdamW kernel for both (CUDA not measured here: no GPU)
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """The trainer's AdamW, fused (one kernel over all parameters) where the parameters' device has the kernel.
+
+    torch's default on CPU is a Python loop of ~10 ops per parameter tensor with weight-sized temporaries; the
+    fused kernel made a dim-512 batch-8 QAT step 1.35x faster on CPU (0.287 -> 0.212 s ternary, 0.254 -> 0.184 s
+    full precision; benchmarks/train_step_ratio.py). Same update rule; float rounding may differ.
+    """
+    params = list(params)
+    fused = all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
@@ -485,7 +500,7 @@ class Trainer:
         model.to(self.device).train()
         ema.to(self.device).eval()
         model, ema = self._wrap(model, ema)
-        opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
+        opt = make_optimizer(model.parameters(), lr=a.lr, weight_decay=a.weight_decay)
         self._saved_step = None
         if ckpt is not None:
             self.start_step = self._load_checkpoint(ckpt, model, opt)
