@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 
 def _status_kb(field: str) -> int | None:
@@ -44,13 +45,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+WARMUP_ROUNDS = 2
+COMPILED = "+compiled"  # policy suffix: the loaded model's linear-holding modules run through torch.compile
+
+
+def compile_linear_parents_(model: nn.Module) -> int:
+    """torch.compile, in place, each module that holds as children the linears a ternary model quantizes
+    (`paper_filter`; TerDiT: attention, FFN, adaLN of each block): what the int8 policy compiles around its
+    packed layers (`compile_int8_`), for a full-precision baseline whose element-wise work (norms, SwiGLU,
+    modulation, RoPE) is fused the same way. Returns how many."""
+    from terdit.quant.module_swap import paper_filter
+
+    names = {fqn.rpartition(".")[0] for fqn, m in model.named_modules() if paper_filter(m, fqn)}
+    parents = [m for fqn, m in model.named_modules() if fqn in names]
+    for m in parents:
+        m.compile(dynamic=False)
+    return len(parents)
+
+
 def _setup(directory: str, policy: str, dev: torch.device, dt: torch.dtype, batch: int, cfg: float, seed: int):
-    """Load a deploy directory and return (model, one-sampling-step callable, load seconds)."""
+    """Load a deploy directory and return (model, one-sampling-step callable, load seconds).
+    `policy` may end in "+compiled" (see `compile_linear_parents_`)."""
     from terdit.deploy.loader import load_deployed
     from terdit.diffusion.guidance import guided_model_fn
 
+    compiled = policy.endswith(COMPILED)
+    policy = policy.removesuffix(COMPILED)
     t0 = time.perf_counter()
     model = load_deployed(directory, device=dev, dtype=dt, policy=policy)
+    if compiled and not compile_linear_parents_(model):
+        raise ValueError(f"policy {policy}{COMPILED}: {directory} has no nn.Linear layers to compile around")
     _sync(dev)
     load_s = time.perf_counter() - t0
     c = model.config
@@ -112,7 +136,9 @@ def measure_times(
 
     Interleaving makes the comparison fair on a shared machine: a burst of background load hits every
     variant of a round alike. The order rotates from round to round so that no variant always runs right
-    after the same neighbour. Round 0 is a warm-up. Ratios are medians of per-round ratios to variant 0.
+    after the same neighbour. The first two rounds are a warm-up: compiled modules compile on the first call
+    and recompile once on the second (the first fills RoPE's cache, which Dynamo guards on). Ratios are
+    medians of per-round ratios to variant 0.
     `dtype`: one for all variants or one per variant (e.g. full precision in fp32 and in bf16 side by side).
     """
     from terdit.defaults import parse_dtype
@@ -122,11 +148,11 @@ def measure_times(
     steps = [_setup(d, p, dev, parse_dtype(dt), batch, cfg, seed)[1] for (d, p), dt in zip(specs, dtypes)]
     load_before = os.getloadavg()[0]
     times: list[list[float]] = [[] for _ in specs]
-    for r in range(repeats + 1):
+    for r in range(repeats + WARMUP_ROUNDS):
         for k in range(len(steps)):
             i = (k + r) % len(steps)
             dt = _timed(steps[i], dev)
-            if r:
+            if r >= WARMUP_ROUNDS:
                 times[i].append(dt)
     ratios = [[t / t0 for t, t0 in zip(ts, times[0])] for ts in times]
     return {
@@ -142,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("mode", choices=["memory", "times"])
     p.add_argument("--dir", action="append", required=True, help="deploy directory (repeat for 'times')")
-    p.add_argument("--policy", action="append", required=True, help="policy per --dir")
+    p.add_argument("--policy", action="append", required=True,
+                   help=f"policy per --dir; with '{COMPILED}' appended, torch.compile around the nn.Linear layers")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", action="append", default=None, help="compute dtype: once, or once per --dir")
     p.add_argument("--batch", type=int, default=2)
