@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--_worker", choices=["fp", "ternary"], default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.pairs < 1 or a.repeats < 1:
+        p.error("--pairs and --repeats must be at least 1")
     if a._worker:
         torch.set_num_threads(a.threads[0])
         worker(a.configs[0], a._worker, a.warmup)
