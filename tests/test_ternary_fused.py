@@ -115,7 +115,9 @@ CASES = [  # (batch shape, in, out): both sides of scale_output, 2-d and 3-d inp
     ((3, 1), 128, 40),  # output side, 3-d
     ((200,), 64, 16),  # weight side
     ((4, 16), 48, 80),  # weight side, 3-d
-    ((8,), 512, 96),  # adaLN-like: few rows, wide input
+    ((8,), 512, 96),  # few rows, wide input (output side, alpha scales the output)
+    ((6,), 64, 192),  # adaLN-like: few rows, out = 3 in (output side, alpha scales the input)
+    ((2, 3), 96, 96),  # square, 3-d (output side, input scaled)
 ]
 
 
@@ -203,10 +205,10 @@ def test_a_failed_compile_falls_back_to_eager_once(monkeypatch):
     assert torch.allclose(grads[1].double(), grads_ref[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [4, 256])  # output side, weight side
-def test_autocast_bf16_matches_the_eager_composite(rows):
-    layer = _layer(64, 32, True, "tensor")
-    x, g = torch.randn(rows, 64), torch.randn(rows, 32)
+@pytest.mark.parametrize("rows,in_f,out_f", [(4, 64, 32), (4, 32, 64), (256, 64, 32)])  # output side (alpha on
+def test_autocast_bf16_matches_the_eager_composite(rows, in_f, out_f):  # the output, the input), weight side
+    layer = _layer(in_f, out_f, True, "tensor")
+    x, g = torch.randn(rows, in_f), torch.randn(rows, out_f)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, grads = _run(layer, x, g)
         xr = x.clone().requires_grad_(True)
