@@ -3,8 +3,9 @@
     python -m terdit.deploy.bench_worker memory --dir D --policy P   peak memory of one variant
     python -m terdit.deploy.bench_worker times --dir D1 --policy P1 --dir D2 --policy P2 ...
 
-Memory: a fresh process per variant keeps resident-memory numbers independent; the peak of the sampling
-steps is measured after loading, on CPU by resetting the kernel's high-water mark (/proc/self/clear_refs)
+Memory: a fresh process per variant keeps resident-memory numbers independent; the resident size of the
+runtime (torch, diffusers, terdit imported, nothing loaded) is read first; the peak of the sampling steps is
+measured after loading, on CPU by resetting the kernel's high-water mark (/proc/self/clear_refs)
 and reading VmHWM, on CUDA with torch.cuda.max_memory_allocated. Time: all variants in one process,
 interleaved (see `measure_times`).
 """
@@ -97,8 +98,11 @@ def _timed(step, dev: torch.device) -> float:
 
 def measure_memory(directory: str, policy: str, device: str, dtype: str, batch: int, cfg: float, seed: int) -> dict:
     """Peak memory of sampling steps (a warm-up and one more) in this fresh process, after loading."""
+    import terdit.deploy.loader  # noqa: F401 - the runtime every variant pays before its first weight:
+    import terdit.models  # noqa: F401 - torch, diffusers (the models' base class) and terdit
     from terdit.defaults import parse_dtype
 
+    rss_runtime = _status_kb("VmRSS")
     dev = torch.device(device)
     _, step, load_s = _setup(directory, policy, dev, parse_dtype(dtype), batch, cfg, seed)
     rss_loaded = _status_kb("VmRSS")
@@ -110,6 +114,7 @@ def measure_memory(directory: str, policy: str, device: str, dtype: str, batch: 
     out = {
         "load_s": load_s,
         "unpaired_step_s": times[-1],
+        "rss_runtime_mb": rss_runtime / 1024 if rss_runtime else None,
         "rss_after_load_mb": rss_loaded / 1024 if rss_loaded else None,
         "load_peak_rss_mb": load_peak / 1024 if load_peak else None,
     }
