@@ -238,7 +238,7 @@ BLOCK_LISTS = ("layers", "transformer_blocks")  # TerDiT's blocks; a diffusers t
 def compile_blocks_(model: nn.Module) -> int:
     """torch.compile each transformer block of `model`, in place (Module.compile: parameter names and the state
     dict are unchanged). In a compiled block a ternary layer's codes, alpha scaling and straight-through
-    backward are traced with the rest of the block, so they cost neither a Python call nor a launch of their own:
+    backward are traced with the rest of the block, with no Python call or Dynamo entry of their own:
     a dim-512 batch-8 QAT step took 1.05x (1 thread) / 1.03x (2) the faster of the eager and compiled FP steps,
     vs 1.13x / 1.19x eager against eager (benchmarks/train_step_ratio.py, AVX2 EPYC). Label dropout and the
     embedders stay eager, so the random draws are those of an eager run. Returns the number of blocks."""
