@@ -123,7 +123,8 @@ class TrainArgs:
     num_workers: int = setting(0, type=nonneg_int)
     grad_checkpointing: bool = setting(False)
     compile: bool = setting(False, "torch.compile each transformer block for training (the first steps compile: "
-                            "seconds to a minute); fuses a ternary layer's weight work into its block")
+                            "seconds to a minute): a ternary layer's weight work is traced with its block; faster "
+                            "where layers see few rows (small batch x tokens), measured slower at 2048 rows")
     tensorboard: bool = setting(True)
     progress: bool = setting(True)
     resume: bool = setting(False, "continue the run in --out from its last checkpoint")
@@ -240,7 +241,8 @@ def compile_blocks_(model: nn.Module) -> int:
     dict are unchanged). In a compiled block a ternary layer's codes, alpha scaling and straight-through
     backward are traced with the rest of the block, with no Python call or Dynamo entry of their own:
     a dim-512 batch-8 QAT step took 1.05x (1 thread) / 1.03x (2) the faster of the eager and compiled FP steps,
-    vs 1.13x / 1.19x eager against eager (benchmarks/train_step_ratio.py, AVX2 EPYC). Label dropout and the
+    vs 1.13x / 1.19x eager against eager (benchmarks/train_step_ratio.py, AVX2 EPYC). At 2048 rows per layer
+    (dim512-latent) it made the ternary step ~10% slower instead (one pair, 2 threads). Label dropout and the
     embedders stay eager, so the random draws are those of an eager run. Returns the number of blocks."""
     blocks = [b for name in BLOCK_LISTS for b in getattr(model, name, ())]
     if not blocks:
