@@ -152,8 +152,13 @@ def targets(out: dict) -> dict:
     peak = {(m["variant"], m["batch"]): m["peak_mb"] for m in out["memory"]}
     # the same peaks less the runtime (torch + diffusers + terdit imported, nothing loaded): what the model
     # itself adds, shown beside the targets, which are whole-process peaks
-    own = {k: v - m["rss_runtime_mb"] for m in out["memory"] for k, v in [((m["variant"], m["batch"]), m["peak_mb"])]
+    own = {(m["variant"], m["batch"]): m["peak_mb"] - m["rss_runtime_mb"] for m in out["memory"]
            if m.get("rss_runtime_mb")}
+
+    def to_smallest_base(table: dict, n: str, batch: int) -> float | None:
+        bases = [table[(b, batch)] for b in BF16_BASES if (b, batch) in table]
+        return table[(n, batch)] / min(bases) if bases and (n, batch) in table else None
+
     res = {}
     for row in out["times"]:
         for n, (speed, mem) in TARGETS.items():
@@ -161,12 +166,9 @@ def targets(out: dict) -> dict:
             if not sps:
                 continue
             key = f"{n} threads={row['threads']} batch={row['batch']}"
-            bases = [peak[(b, row["batch"])] for b in BF16_BASES if (b, row["batch"]) in peak]
-            ratio = peak[(n, row["batch"])] / min(bases) if bases and (n, row["batch"]) in peak else None
-            own_bases = [own[(b, row["batch"])] for b in BF16_BASES if (b, row["batch"]) in own]
-            own_ratio = own[(n, row["batch"])] / min(own_bases) if own_bases and (n, row["batch"]) in own else None
+            ratio = to_smallest_base(peak, n, row["batch"])
             res[key] = {"speedup": min(sps), "speedup_target": speed, "peak_ratio": ratio, "peak_target": mem,
-                        "peak_ratio_above_runtime": own_ratio,
+                        "peak_ratio_above_runtime": to_smallest_base(own, n, row["batch"]),
                         "met": min(sps) >= speed and ratio is not None and ratio <= mem}
     return res
 
