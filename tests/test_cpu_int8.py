@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from random_models import random_micro
+from safetensors.torch import load_file
 
 from terdit.deploy import PackedLinear, cpu_int8, export_model, load_deployed, set_policy
 from terdit.deploy import kernels as seam
@@ -190,6 +191,74 @@ def test_fallbacks_take_the_exact_path(why, policy, monkeypatch):
     torch.testing.assert_close(y.detach().double(), float_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_int8_policy_releases_packed_bytes_and_rebuilds_them(fmt):
+    """"int8" keeps one byte per weight: once prepacked, the packed bytes are freed, and everything that reads
+    them (state_dict, codes, a call the integer path declines, another policy, loading) gets the same bytes back."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN: the int8 codes stay in the plain layout and the packed bytes are kept")
+    layer, codes = make_layer(fmt, 33, 130, "int8")
+    original = layer.packed.clone()
+    x = torch.randn(4, 130)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.packed_released and layer.packed.untyped_storage().nbytes() == 1
+    assert layer.packed.shape == original.shape
+    ref = quantized_reference(x, codes, layer.alphas, layer.bias)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
+    # read without keeping: the layer stays released
+    assert torch.equal(layer.state_dict()["packed"], original) and torch.equal(layer.codes(), codes)
+    assert layer.packed_released
+    # a call the integer path declines (float64) runs the exact float path on the rebuilt bytes
+    float_ref = x.double() @ (layer.alphas.double() * codes.double()).T + layer.bias.double()
+    torch.testing.assert_close(layer(x.double()), float_ref, rtol=1e-12, atol=1e-12)
+    assert not layer.packed_released and torch.equal(layer.packed, original)
+    # released again after a new prepack; loading another layer's tensors replaces codes and caches
+    layer.set_policy("int8")
+    with torch.no_grad():
+        layer(x)
+    assert layer.packed_released
+    other, other_codes = make_layer(fmt, 33, 130, "memory", seed=7)
+    layer.load_state_dict(other.state_dict())
+    assert not layer.packed_released and torch.equal(layer.packed, other.packed)
+    with torch.no_grad():
+        y2 = layer(x)
+    ref2 = quantized_reference(x, other_codes, layer.alphas, layer.bias)
+    torch.testing.assert_close(y2.double(), ref2, rtol=2e-6, atol=2e-6 * float(ref2.abs().max()))
+    # another policy, and a cast (module._apply), start from the real bytes
+    assert layer.packed_released
+    layer.set_policy("memory")
+    assert not layer.packed_released and torch.equal(layer.packed, other.packed)
+    layer.set_policy("int8")
+    with torch.no_grad():
+        layer(x)
+    layer.to(torch.float64)
+    assert not layer.packed_released and torch.equal(layer.packed, other.packed)
+
+
+@pytest.mark.parametrize("readback", ["fails", "differs"])
+def test_int8_policy_keeps_packed_bytes_where_onednn_cannot_give_them_back(readback, monkeypatch):
+    """The bytes are released only after reading the codes back from oneDNN's layout gave exactly them."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN")
+    real = PackedLinear._prepacked_codes
+
+    def broken(self):
+        codes = real(self)
+        return None if readback == "fails" else codes.flip(0)
+
+    monkeypatch.setattr(PackedLinear, "_prepacked_codes", broken)
+    layer, codes = make_layer("2bit", 33, 130, "int8")
+    original = layer.packed.clone()
+    x = torch.randn(4, 130)
+    with torch.no_grad():
+        y = layer(x)
+    assert not layer.packed_released and torch.equal(layer.packed, original)
+    assert torch.equal(layer.state_dict()["packed"], original) and torch.equal(layer.codes(), codes)
+    ref = quantized_reference(x, codes, layer.alphas, layer.bias)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
+
+
 def test_cpu_flags_decide(monkeypatch):
     monkeypatch.delenv("TERDIT_CPU_INT8")
     monkeypatch.setattr(cpu_int8, "cpu_flags", lambda: frozenset({"avx2", "avx512f"}))
@@ -225,6 +294,13 @@ def test_deployed_model_int8_policies(fmt, tmp_path, monkeypatch):
     exact = run(load_deployed(tmp_path / "dep", policy="memory"))
     for policy in POLICIES:
         dep = load_deployed(tmp_path / "dep", policy=policy)
+        released = [m.packed_released for m in dep.modules() if isinstance(m, PackedLinear)]
+        assert all(released) == (policy == "int8" and torch.backends.mkldnn.is_available()), policy
+        if policy == "int8":  # the export of a released model is that of the original, tensor for tensor
+            export_model(dep, tmp_path / "again", fmt)
+            before, after = (load_file(tmp_path / d / "model.safetensors") for d in ("dep", "again"))
+            assert before.keys() == after.keys()
+            assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
         out = run(dep)
         err = float((out - exact).norm() / exact.norm())
         assert 1e-7 < err < 0.03, (policy, err)  # activations are rounded to 8 bits: close, not equal
@@ -348,3 +424,29 @@ def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
     torch.testing.assert_close(out, per_layer, rtol=1e-4, atol=1e-4 * float(per_layer.abs().max()))
     set_policy(dep, "memory")  # leaving int8 drops the compiled parents
     assert compiled(dep) == [] and not any(getattr(m, "traced_int8", False) for m in dep.modules())
+
+
+def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch):
+    """A compiled parent whose compile fails (a backend error, as with no C++ compiler): one warning, the
+    process's integer path goes eager, and the step equals the eager per-layer one."""
+    model = random_micro(seed=5)
+    export_model(model, tmp_path / "dep", "2bit")
+    run = guided_step(model.config)
+    per_layer = run(load_deployed(tmp_path / "dep", policy="int8"))  # TERDIT_CPU_COMPILE=0
+    real_compile = torch.compile
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=failing_backend))
+    monkeypatch.setattr(cpu_int8, "_COMPILED", {})
+    monkeypatch.setattr(cpu_int8, "_compile_failed", False)  # restored after the test
+    monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
+    dep = load_deployed(tmp_path / "dep", policy="int8")
+    assert any(getattr(m._compiled_call_impl, "terdit_int8", False) for m in dep.modules())
+    with pytest.warns(UserWarning, match="torch.compile failed") as record:
+        out = run(dep)
+    assert sum("torch.compile failed" in str(w.message) for w in record) == 1
+    assert not cpu_int8.compile_enabled()
+    assert not any(m._compiled_call_impl is not None or getattr(m, "traced_int8", False) for m in dep.modules())
+    assert torch.equal(out, per_layer)

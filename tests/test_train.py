@@ -148,6 +148,28 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path):
     assert worst < 1e-4  # 3 AdamW steps at lr 5e-4 move weights by up to 1.5e-3
 
 
+def test_compile_failure_trains_eagerly_with_one_warning(tmp_path, monkeypatch):
+    """A torch.compile that fails on the first call (a backend error, as with no C++ compiler) gives one warning
+    and the eager blocks: the losses and weights of the eager run, bit for bit."""
+    real_compile = torch.compile
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=failing_backend))
+    eager, failed = tmp_path / "eager", tmp_path / "failed"
+    Trainer(TrainArgs(out=str(eager), steps=2, **FAST)).run()
+    trainer = Trainer(TrainArgs(out=str(failed), steps=2, compile=True, **FAST))
+    with pytest.warns(UserWarning, match="--compile: torch.compile failed") as record:
+        trainer.run()
+    assert sum("torch.compile failed" in str(w.message) for w in record) == 1
+    assert all(block._compiled_call_impl is None for block in trainer.model.layers)
+    assert _losses(failed) == _losses(eager)
+    wa = load_tensors(eager / "checkpoints" / "0000002" / "model.safetensors")
+    wb = load_tensors(failed / "checkpoints" / "0000002" / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 @pytest.mark.parametrize("extra", [dict(grad_checkpointing=True), dict(parallel="fsdp")])
 def test_compile_refuses_what_it_does_not_support_before_writing(tmp_path, extra):
     run = tmp_path / "r"

@@ -92,8 +92,8 @@ def _quant(x2: torch.Tensor, unsigned: bool = False) -> tuple[torch.Tensor, torc
     uint8 (oneDNN's fast int8 kernels take unsigned activations with a zero point)."""
     amax = torch.maximum(x2.amax(-1, keepdim=True), x2.amin(-1, keepdim=True).neg()).float()
     scale = ACT_LEVELS / amax.clamp(min=EPS)
-    q = (x2 * scale).round().clamp(-ACT_LEVELS, ACT_LEVELS)
-    return (q.add(128).to(torch.uint8) if unsigned else q.to(torch.int8)), scale
+    q = (x2 * scale).round_().clamp_(-ACT_LEVELS, ACT_LEVELS)  # in place: one fp32 temporary, not three
+    return (q.add_(128).to(torch.uint8) if unsigned else q.to(torch.int8)), scale
 
 
 def quantize_tokens(x: torch.Tensor) -> QuantizedTokens:
@@ -141,10 +141,10 @@ def _mm(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tens
     """(q @ codes.T) * alpha / scale (+ bias): accumulated exactly in int32, scaled in fp32. `w`: int8 codes
     (torch._int_mm, q int8) or a `prepack` handle (oneDNN, q uint8)."""
     if w.dtype == torch.int64:
-        y = torch.ops.terdit.qlinear_u8(q, w, alpha) / scale
+        y = torch.ops.terdit.qlinear_u8(q, w, alpha).div_(scale)
     else:
-        y = torch._int_mm(q, w.t()).float() * (alpha.float() / scale)
-    return y if bias is None else y + bias.float()
+        y = torch._int_mm(q, w.t()).float().mul_(alpha.float() / scale)
+    return y if bias is None else y.add_(bias.float())  # in place: eagerly, one fp32 output, not two
 
 
 # The integer path's two units, as pure functions of tensors so that torch.compile can fuse each one's
@@ -211,6 +211,8 @@ def compile_enabled() -> bool:
 def compile_failed(e: Exception) -> None:
     """Switch torch.compile off for the integer path in this process, with one warning."""
     global _compile_failed
+    if _compile_failed:
+        return
     _compile_failed = True
     warnings.warn(f"terdit: torch.compile failed for the CPU integer path, running eagerly "
                   f"({type(e).__name__}: {str(e)[:200]})", stacklevel=3)

@@ -17,7 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-# fn(layer, x) -> y, or None to decline (the layer then unpacks); `layer.packed` holds the rows layout of `layer.fmt`.
+# fn(layer, x) -> y, or None to decline (the layer then unpacks); `layer.packed` holds the rows layout of `layer.fmt`
+# (`layer.packed_data()` where an "int8" layer on CPU may have released it for its prepacked weight).
 KernelFn = Callable[[nn.Module, torch.Tensor], "torch.Tensor | None"]
 
 # (fmt, device type, policy or None for every policy) -> kernel

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import terdit.deploy.cpu_int8 as cpu_int8
+from terdit.models.compiling import compile_with_fallback
 from terdit.deploy.backends import auto_register
 from terdit.deploy.kernels import find_kernel
 from terdit.errors import TerditError
@@ -103,6 +104,9 @@ class PackedLinear(nn.Module):
         self._cached: torch.Tensor | None = None
         self._prepacked: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 policy: oneDNN weight, handle
         self.traced_int8 = False  # set by `compile_int8_`: inside its compiled parent, the traceable integer path
+        # "int8" policy: `packed` is a placeholder of its shape (1 byte of storage) while the prepacked weight
+        # holds the codes (`release_packed`); what reads its bytes calls `restore_packed` first
+        self.packed_released = False
 
     @property
     def unpacked_numel(self) -> int:
@@ -111,11 +115,12 @@ class PackedLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """The int8 ternary codes [out, in] (validating path, for export and tests)."""
-        return unpack_rows(self.packed, self.fmt, self.in_features, name="PackedLinear")
+        return unpack_rows(self.packed_data(), self.fmt, self.in_features, name="PackedLinear")
 
     def set_policy(self, policy: str) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        self.restore_packed()
         self.policy = policy
         self._cached = None
         self._prepacked = None
@@ -124,6 +129,7 @@ class PackedLinear(nn.Module):
         """The codes as a resident contiguous int8 [out, in] tensor ("int8" policy; unpacked on first use)."""
         cached = self._cached
         if cached is None or cached.dtype != torch.int8:
+            self.restore_packed()
             buf = torch.empty(self.unpacked_numel, dtype=torch.int8, device=self.packed.device)
             codes = cpu_int8.unpack_codes_into(self.packed, self.fmt, buf)[:, : self.in_features]
             self._cached = cached = codes.contiguous()
@@ -131,13 +137,61 @@ class PackedLinear(nn.Module):
 
     def int8_weight(self) -> torch.Tensor:
         """"int8" policy: the codes prepacked for oneDNN's int8 matmul (resident; the int8 codes are then
-        dropped), as the handle `cpu_int8` multiplies with; the plain int8 codes where oneDNN is missing."""
+        dropped, and so are the packed bytes, see `release_packed`), as the handle `cpu_int8` multiplies with;
+        the plain int8 codes where oneDNN is missing."""
         if not torch.backends.mkldnn.is_available():
             return self.int8_codes()
         if self._prepacked is None:
-            self._prepacked = cpu_int8.prepack(self.int8_codes())
+            codes = self.int8_codes()
+            self._prepacked = cpu_int8.prepack(codes)
             self._cached = None
+            self.release_packed(codes)
         return self._prepacked[1]
+
+    def _prepacked_codes(self) -> torch.Tensor | None:
+        """The int8 codes [out, in] read back from the prepacked oneDNN weight (a reorder to the plain layout,
+        [in, out]), or None where there is none or oneDNN cannot read it back."""
+        if self._prepacked is None:
+            return None
+        try:
+            return self._prepacked[0].to_dense().t()
+        except RuntimeError:
+            return None
+
+    def release_packed(self, codes: torch.Tensor) -> None:
+        """Free the packed bytes once the prepacked weight holds the same codes: the "int8" policy's resident
+        weight is then 1 byte per weight, not 1.25 (at 600M, 144 MB of 720 MB). Only where reading the codes
+        back from oneDNN's layout gives exactly `codes` (checked here, once), so `restore_packed` can rebuild
+        the bytes for export, `state_dict`, another policy, or a call the integer path declines."""
+        back = self._prepacked_codes()
+        if self.packed.device.type == "cpu" and back is not None and torch.equal(back, codes):
+            self.packed = torch.zeros(1, dtype=torch.uint8).expand(self.packed.shape)
+            self.packed_released = True
+
+    def restore_packed(self) -> None:
+        """Rebuild the packed bytes that `release_packed` freed (a no-op otherwise)."""
+        if self.packed_released:
+            self.packed = self.packed_data()
+            self.packed_released = False
+
+    def packed_data(self) -> torch.Tensor:
+        """The packed bytes, rebuilt for the caller only if released: the layer stays at 1 byte per weight."""
+        if not self.packed_released:
+            return self.packed
+        codes = self._prepacked_codes()
+        if codes is None:  # release_packed checked that it reads back; losing it since is a bug
+            raise TerditError("PackedLinear: packed bytes were released but the prepacked weight is gone")
+        return pack_rows(codes.contiguous(), self.fmt)[0]
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[override]
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packed_released:
+            destination[prefix + "packed"] = self.packed_data()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        self.restore_packed()  # real storage to load into; the caches then describe the old weight
+        self._cached = self._prepacked = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def int8_path(self, x: torch.Tensor) -> bool:
         """Whether a call with input `x` takes the integer path (int8 policies, see terdit.deploy.cpu_int8)."""
@@ -151,6 +205,7 @@ class PackedLinear(nn.Module):
     def _unpack(self, out: torch.Tensor, dtype: torch.dtype, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         """Unpack output rows r0:r1 into the flat buffer `out`; returns the [rows, in] view."""
         r1 = self.out_features if r1 is None else r1
+        self.restore_packed()  # "int8" policy, a call the integer path declined
         return self._unpack_bytes(self.packed[r0:r1], out, dtype)[:, : self.in_features]
 
     def _unpack_bytes(self, packed: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -209,6 +264,7 @@ class PackedLinear(nn.Module):
         return F.linear(x2, self._unpack(buf, x2.dtype, r0, r1), b)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        self.restore_packed()
         self._cached = self._prepacked = None  # moved or cast: the caches are rebuilt on the next call
         return super()._apply(fn, recurse)
 
@@ -321,33 +377,27 @@ def compile_int8_(model: nn.Module) -> int:
     """
     if not (cpu_int8.compile_enabled() and cpu_int8.has_int8_dot() and os.environ.get("TERDIT_NO_KERNELS") != "1"):
         return 0
-    count = 0
+    parents = []
     for parent in list(model.modules()):
         children = [c for c in parent.children() if isinstance(c, PackedLinear)]
         if isinstance(parent, PackedLinear) or not children:
             continue
         if not all(c.policy == "int8" and c.packed.device.type == "cpu" for c in children):
             continue
-        for child in children:
-            child.traced_int8 = True
-        parent._compiled_call_impl = _guarded(parent, torch.compile(parent._call_impl, dynamic=False))
-        count += 1
-    return count
+        parents.append(parent)
 
-
-def _guarded(parent: nn.Module, compiled):
-    """`compiled(*args)`, or on a compile failure: back to eager for this module (and the integer path's units)."""
-
-    def call(*args, **kwargs):
-        try:
-            return compiled(*args, **kwargs)
-        except Exception as e:  # e.g. no C++ compiler: the eager module computes the same values
-            cpu_int8.compile_failed(e)
+    def failed(e: Exception) -> None:  # the parents, their layers' traced path and the integer path go eager
+        cpu_int8.compile_failed(e)
+        for parent in parents:
             _uncompile(parent)
-            return parent._call_impl(*args, **kwargs)
 
-    call.terdit_int8 = True  # type: ignore[attr-defined]
-    return call
+    for parent in parents:
+        for child in parent.children():
+            if isinstance(child, PackedLinear):
+                child.traced_int8 = True
+        call = compile_with_fallback(parent, failed, dynamic=False)
+        call.terdit_int8 = True  # type: ignore[attr-defined]
+    return len(parents)
 
 
 def _uncompile(parent: nn.Module) -> None:

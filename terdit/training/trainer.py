@@ -20,6 +20,7 @@ import math
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
+from terdit.models.compiling import compile_with_fallback
 from terdit.data import TrainingData, open_training_data
 from terdit.data.base import derived_seed
 from terdit.defaults import (
@@ -243,12 +245,24 @@ def compile_blocks_(model: nn.Module) -> int:
     a dim-512 batch-8 QAT step took 1.05x (1 thread) / 1.03x (2) the faster of the eager and compiled FP steps,
     vs 1.13x / 1.19x eager against eager (benchmarks/train_step_ratio.py, AVX2 EPYC). At 2048 rows per layer
     (dim512-latent) it made the ternary step ~10% slower instead (one pair, 2 threads). Label dropout and the
-    embedders stay eager, so the random draws are those of an eager run. Returns the number of blocks."""
+    embedders stay eager, so the random draws are those of an eager run. If compiling fails (no C++ compiler,
+    say), one warning, and every block trains eagerly. Returns the number of blocks."""
     blocks = [b for name in BLOCK_LISTS for b in getattr(model, name, ())]
     if not blocks:
         raise TerditError(f"--compile: {type(model).__name__} has no block list ({' / '.join(BLOCK_LISTS)})")
+
+    warned = []
+
+    def failed(e: Exception) -> None:
+        if not warned:  # once, for the first block that fails; the others then never try
+            warned.append(e)
+            warnings.warn(f"--compile: torch.compile failed, training eagerly ({type(e).__name__}: "
+                          f"{str(e)[:200]})", stacklevel=2)
+        for b in blocks:
+            b._compiled_call_impl = None
+
     for block in blocks:
-        block.compile()
+        compile_with_fallback(block, failed)
     return len(blocks)
 
 
