@@ -4,6 +4,7 @@
     python benchmarks/cpu_int8.py --quick    # batch 1, 2 threads, 2 rounds, no fp32 (~2 min)
     python benchmarks/cpu_int8.py --eager    # the integer path without torch.compile (smaller, slower)
     python benchmarks/cpu_int8.py --config TerDiT-Digits --batch 4 --threads 1 --json out.json
+    TERDIT_CPU_INT8=1 python benchmarks/cpu_int8.py --memory-only   # memory only, int8 path forced (no VNNI)
 
 One sampling step = one guided model call for `batch` images (2 x batch forward rows, 256 tokens each for
 600M), random weights (ternary codes uniform in {-1, 0, 1}). Variants, each loaded once:
@@ -94,7 +95,7 @@ def run(a: argparse.Namespace, log=print) -> dict:
         log(f"[cpu_int8] writing random {a.config} checkpoints (full precision and 2-bit ternary) ...")
         dirs = {"fp": random_deploy_dir(fp_cfg, "fp", root / "fp", store_dtype="bf16"),
                 "ternary": random_deploy_dir(cfg, "2bit", root / "2bit", store_dtype="bf16")}
-        for threads in a.threads:
+        for threads in a.threads if a.times else []:
             for batch in a.batch:
                 names = [n for n in a.variants if not (n == "fp32" and batch in a.skip_fp32_batch)]
                 args = ["times", "--batch", str(batch), "--repeats", str(a.repeats)]
@@ -146,12 +147,11 @@ def format_times(row: dict) -> str:
     return "\n".join(lines)
 
 
-def targets(out: dict) -> dict:
-    """The issue's targets, per measured (threads, batch): speed-up (median) and peak memory ratio against full
-    precision in bf16, eager or compiled, whichever is faster (speed) or smaller (memory): the strictest."""
+def peak_ratios(out: dict) -> dict[tuple[str, int], tuple[float | None, float | None]]:
+    """(variant, batch) -> its peak memory over the smaller FP bf16 peak (eager or compiled) of that batch:
+    (whole process, above the runtime). Above the runtime = less the resident size of torch + diffusers +
+    terdit imported, nothing loaded: what the model itself adds (the targets are whole-process peaks)."""
     peak = {(m["variant"], m["batch"]): m["peak_mb"] for m in out["memory"]}
-    # the same peaks less the runtime (torch + diffusers + terdit imported, nothing loaded): what the model
-    # itself adds, shown beside the targets, which are whole-process peaks
     own = {(m["variant"], m["batch"]): m["peak_mb"] - m["rss_runtime_mb"] for m in out["memory"]
            if m.get("rss_runtime_mb")}
 
@@ -159,6 +159,13 @@ def targets(out: dict) -> dict:
         bases = [table[(b, batch)] for b in BF16_BASES if (b, batch) in table]
         return table[(n, batch)] / min(bases) if bases and (n, batch) in table else None
 
+    return {key: (to_smallest_base(peak, *key), to_smallest_base(own, *key)) for key in peak}
+
+
+def targets(out: dict) -> dict:
+    """The issue's targets, per measured (threads, batch): speed-up (median) and peak memory ratio against full
+    precision in bf16, eager or compiled, whichever is faster (speed) or smaller (memory): the strictest."""
+    ratios = peak_ratios(out)
     res = {}
     for row in out["times"]:
         for n, (speed, mem) in TARGETS.items():
@@ -166,9 +173,9 @@ def targets(out: dict) -> dict:
             if not sps:
                 continue
             key = f"{n} threads={row['threads']} batch={row['batch']}"
-            ratio = to_smallest_base(peak, n, row["batch"])
+            ratio, above_runtime = ratios.get((n, row["batch"]), (None, None))
             res[key] = {"speedup": min(sps), "speedup_target": speed, "peak_ratio": ratio, "peak_target": mem,
-                        "peak_ratio_above_runtime": to_smallest_base(own, n, row["batch"]),
+                        "peak_ratio_above_runtime": above_runtime,
                         "met": min(sps) >= speed and ratio is not None and ratio <= mem}
     return res
 
@@ -186,8 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-fp32-batch", type=int, nargs="*", default=[],
                    help="batch sizes timed without the (slow) fp32 variant")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    p.add_argument("--memory-only", dest="times", action="store_false",
+                   help="only the peak-memory processes (e.g. where the int8 path is forced on a CPU without int8 "
+                        "dot products, TERDIT_CPU_INT8=1: memory is that of the int8 path, times are not)")
     p.add_argument("--eager", action="store_true",
-                   help="integer path without torch.compile (TERDIT_CPU_COMPILE=0: ~200 MB smaller, slower)")
+                   help="integer path without torch.compile (TERDIT_CPU_COMPILE=0: 600M peak 66 MiB lower; slower)")
     p.add_argument("--quick", action="store_true", help="batch 1, 2 threads, 2 rounds, no fp32")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument("--json", type=Path, default=None)
@@ -203,6 +213,10 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--variants must include fp-bf16 (every ratio is taken against it)")
     a.variants = ["fp-bf16"] + [v for v in a.variants if v != "fp-bf16"]
     out = run(a)
+    for (n, batch), (whole, above) in peak_ratios(out).items():
+        if whole is not None:
+            print(f"peak batch {batch} {n:<16} x{whole:.3f} of the smaller FP bf16 peak"
+                  + ("" if above is None else f", above the runtime x{above:.3f}"))
     for key, t in out["targets"].items():
         pr = "n/a" if t["peak_ratio"] is None else f"{t['peak_ratio']:.3f}"
         own = t.get("peak_ratio_above_runtime")

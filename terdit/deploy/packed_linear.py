@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import terdit.deploy.cpu_int8 as cpu_int8
-from terdit.models.compiling import compile_with_fallback
 from terdit.deploy.backends import auto_register
 from terdit.deploy.kernels import find_kernel
 from terdit.errors import TerditError
+from terdit.models.compiling import compile_with_fallback
 from terdit.quant.module_swap import FilterFn
 from terdit.quant.packing import DIGITS, FORMATS, code_lut, pack_rows, rows_shape, unpack_rows, unpack_rows_into
 from terdit.quant.ptq import quantize_ternary

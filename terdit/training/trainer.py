@@ -37,7 +37,6 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from terdit.models.compiling import compile_with_fallback
 from terdit.data import TrainingData, open_training_data
 from terdit.data.base import derived_seed
 from terdit.defaults import (
@@ -67,6 +66,7 @@ from terdit.io import (
     save_tensors,
 )
 from terdit.models import runs as runlib
+from terdit.models.compiling import compile_with_fallback
 from terdit.models.configs import TerDiTConfig, get_config
 from terdit.models.memory import check_batch_fits
 from terdit.models.terdit import TerDiT
