@@ -143,6 +143,35 @@ def test_forward_and_gradients_match_float64_reference(shape, in_f, out_f, bias,
         assert (got.double().reshape(want.shape) - want).abs().max() <= tol * scale(want), name
 
 
+@pytest.mark.parametrize("shape,in_f,out_f,granularity", [
+    ((200,), 64, 16, "tensor"), ((4, 16), 48, 80, "row"),  # weight side: the terdit::ternary_* ops
+    ((8,), 512, 96, "tensor"),  # output side: traced into the graph
+])
+def test_compiled_layer_matches_float64_reference(shape, in_f, out_f, granularity):
+    """The layer traced by torch.compile (as in `terdit train --compile`'s blocks): the same forward and
+    gradients as the float64 reference; on the weight side its codes and weight gradients run as the two custom
+    ops, each the separately compiled function, at every call (not traced into the graph)."""
+    layer = _layer(in_f, out_f, True, granularity)
+    torch.manual_seed(1)
+    x = torch.randn(*shape, in_f)
+    g = torch.randn(*shape, out_f)
+    y_ref, grads_ref = _reference(layer, x, g)
+    torch._dynamo.reset()
+    layer.compile()
+    _run(layer, x, g)  # compiles
+    with torch.profiler.profile() as prof:
+        y, grads = _run(layer, x, g)
+    if not T.qat_compile_enabled():
+        pytest.skip("torch.compile is not available here")
+    ops = sorted(e.key for e in prof.key_averages() if e.key.startswith("terdit::"))
+    weight_side = not T.scale_output(x.numel() // in_f, in_f)
+    assert ops == (["terdit::ternary_scaled_codes", "terdit::ternary_weight_grads"] if weight_side else []), ops
+    scale = lambda t: max(1.0, float(t.abs().max()))  # noqa: E731
+    assert (y.double() - y_ref).abs().max() <= 2e-5 * scale(y_ref)
+    for name, got, want in zip(("x", "weight", "alpha", "bias"), grads, grads_ref):
+        assert (got.double().reshape(want.shape) - want).abs().max() <= 2e-5 * scale(want), name
+
+
 def test_both_sides_of_scale_output_are_exercised():
     assert T.scale_output(5, 32) and T.scale_output(8, 512)
     assert not T.scale_output(200, 64) and not T.scale_output(64, 48)

@@ -125,8 +125,7 @@ class TrainArgs:
     num_workers: int = setting(0, type=nonneg_int)
     grad_checkpointing: bool = setting(False)
     compile: bool = setting(False, "torch.compile each transformer block for training (the first steps compile: "
-                            "seconds to a minute): a ternary layer's weight work is traced with its block; faster "
-                            "where layers see few rows (small batch x tokens), measured slower at 2048 rows")
+                            "seconds to a minute); a ternary QAT step then costs about what the FP twin's does")
     tensorboard: bool = setting(True)
     progress: bool = setting(True)
     resume: bool = setting(False, "continue the run in --out from its last checkpoint")
@@ -243,10 +242,10 @@ def compile_blocks_(model: nn.Module) -> int:
     dict are unchanged). In a compiled block a ternary layer's codes, alpha scaling and straight-through
     backward are traced with the rest of the block, with no Python call or Dynamo entry of their own:
     a dim-512 batch-8 QAT step took 1.05x (1 thread) / 1.03x (2) the faster of the eager and compiled FP steps,
-    vs 1.13x / 1.19x eager against eager (benchmarks/train_step_ratio.py, AVX2 EPYC). At 2048 rows per layer
-    (dim512-latent) it made the ternary step ~10% slower instead (one pair, 2 threads). Label dropout and the
-    embedders stay eager, so the random draws are those of an eager run. If compiling fails (no C++ compiler,
-    say), one warning, and every block trains eagerly. Returns the number of blocks."""
+    vs 1.13x / 1.19x eager against eager (benchmarks/train_step_ratio.py, AVX2 EPYC); at 2048 rows per layer
+    (dim512-latent, where alpha scales the weight and the codes run as custom ops) 1.03x at 2 threads. Label
+    dropout and the embedders stay eager, so the random draws are those of an eager run. If compiling fails
+    (no C++ compiler, say), one warning, and every block trains eagerly. Returns the number of blocks."""
     blocks = [b for name in BLOCK_LISTS for b in getattr(model, name, ())]
     if not blocks:
         raise TerditError(f"--compile: {type(model).__name__} has no block list ({' / '.join(BLOCK_LISTS)})")
