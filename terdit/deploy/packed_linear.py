@@ -160,7 +160,7 @@ class PackedLinear(nn.Module):
 
     def release_packed(self, codes: torch.Tensor) -> None:
         """Free the packed bytes once the prepacked weight holds the same codes: the "int8" policy's resident
-        weight is then 1 byte per weight, not 1.25 (at 600M, 144 MB of 720 MB). Only where reading the codes
+        weight is then 1 byte per weight, not 1.25 (at 600M, 144 MiB of 720). Only where reading the codes
         back from oneDNN's layout gives exactly `codes` (checked here, once), so `restore_packed` can rebuild
         the bytes for export, `state_dict`, another policy, or a call the integer path declines."""
         back = self._prepacked_codes()
