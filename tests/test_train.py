@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import terdit.quant.ternary as T
 from terdit.errors import TerditError
 from terdit.io import load_tensors
 from terdit.training.trainer import StepBatchSampler, TrainArgs, Trainer, make_optimizer
@@ -157,6 +158,9 @@ def test_compile_failure_trains_eagerly_with_one_warning(tmp_path, monkeypatch):
         raise RuntimeError("no C++ compiler here")
 
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=failing_backend))
+    # the QAT functions' own compiled units: a failure there must not outlive this test
+    monkeypatch.setattr(T, "_COMPILED", {})
+    monkeypatch.setattr(T, "_compile_failed", False)
     eager, failed = tmp_path / "eager", tmp_path / "failed"
     Trainer(TrainArgs(out=str(eager), steps=2, **FAST)).run()
     trainer = Trainer(TrainArgs(out=str(failed), steps=2, compile=True, **FAST))
