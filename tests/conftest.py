@@ -29,3 +29,21 @@ def shared_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TERDIT_CACHE", str(path))
         yield path
+
+
+@pytest.fixture
+def failing_compile(monkeypatch):
+    """torch.compile whose backend raises on the first call, as Inductor does without a C++ compiler; the
+    compiled-unit caches and failure flags of terdit's compile users are restored after the test."""
+    import terdit.deploy.cpu_int8 as cpu_int8
+    import terdit.quant.ternary as ternary
+
+    real_compile = torch.compile
+
+    def failing_backend(gm, example_inputs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=failing_backend))
+    for module in (cpu_int8, ternary):
+        monkeypatch.setattr(module, "_COMPILED", {})
+        monkeypatch.setattr(module, "_compile_failed", False)

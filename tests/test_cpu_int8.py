@@ -426,21 +426,13 @@ def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
     assert compiled(dep) == [] and not any(getattr(m, "traced_int8", False) for m in dep.modules())
 
 
-def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch):
+def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, failing_compile):
     """A compiled parent whose compile fails (a backend error, as with no C++ compiler): one warning, the
     process's integer path goes eager, and the step equals the eager per-layer one."""
     model = random_micro(seed=5)
     export_model(model, tmp_path / "dep", "2bit")
     run = guided_step(model.config)
-    per_layer = run(load_deployed(tmp_path / "dep", policy="int8"))  # TERDIT_CPU_COMPILE=0
-    real_compile = torch.compile
-
-    def failing_backend(gm, example_inputs):
-        raise RuntimeError("no C++ compiler here")
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=failing_backend))
-    monkeypatch.setattr(cpu_int8, "_COMPILED", {})
-    monkeypatch.setattr(cpu_int8, "_compile_failed", False)  # restored after the test
+    per_layer = run(load_deployed(tmp_path / "dep", policy="int8"))  # TERDIT_CPU_COMPILE=0, before any compile
     monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
     dep = load_deployed(tmp_path / "dep", policy="int8")
     assert any(getattr(m._compiled_call_impl, "terdit_int8", False) for m in dep.modules())

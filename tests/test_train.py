@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import terdit.quant.ternary as T
 from terdit.errors import TerditError
 from terdit.io import load_tensors
 from terdit.training.trainer import StepBatchSampler, TrainArgs, Trainer, make_optimizer
@@ -149,18 +148,9 @@ def test_compiled_blocks_train_like_eager_blocks(tmp_path):
     assert worst < 1e-4  # 3 AdamW steps at lr 5e-4 move weights by up to 1.5e-3
 
 
-def test_compile_failure_trains_eagerly_with_one_warning(tmp_path, monkeypatch):
+def test_compile_failure_trains_eagerly_with_one_warning(tmp_path, failing_compile):
     """A torch.compile that fails on the first call (a backend error, as with no C++ compiler) gives one warning
     and the eager blocks: the losses and weights of the eager run, bit for bit."""
-    real_compile = torch.compile
-
-    def failing_backend(gm, example_inputs):
-        raise RuntimeError("no C++ compiler here")
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend=failing_backend))
-    # the QAT functions' own compiled units: a failure there must not outlive this test
-    monkeypatch.setattr(T, "_COMPILED", {})
-    monkeypatch.setattr(T, "_compile_failed", False)
     eager, failed = tmp_path / "eager", tmp_path / "failed"
     Trainer(TrainArgs(out=str(eager), steps=2, **FAST)).run()
     trainer = Trainer(TrainArgs(out=str(failed), steps=2, compile=True, **FAST))

@@ -377,24 +377,22 @@ def compile_int8_(model: nn.Module) -> int:
     """
     if not (cpu_int8.compile_enabled() and cpu_int8.has_int8_dot() and os.environ.get("TERDIT_NO_KERNELS") != "1"):
         return 0
-    parents = []
+    parents: list[tuple[nn.Module, list[PackedLinear]]] = []
     for parent in list(model.modules()):
         children = [c for c in parent.children() if isinstance(c, PackedLinear)]
         if isinstance(parent, PackedLinear) or not children:
             continue
-        if not all(c.policy == "int8" and c.packed.device.type == "cpu" for c in children):
-            continue
-        parents.append(parent)
+        if all(c.policy == "int8" and c.packed.device.type == "cpu" for c in children):
+            parents.append((parent, children))
 
     def failed(e: Exception) -> None:  # the parents, their layers' traced path and the integer path go eager
         cpu_int8.compile_failed(e)
-        for parent in parents:
+        for parent, _ in parents:
             _uncompile(parent)
 
-    for parent in parents:
-        for child in parent.children():
-            if isinstance(child, PackedLinear):
-                child.traced_int8 = True
+    for parent, children in parents:
+        for child in children:
+            child.traced_int8 = True
         call = compile_with_fallback(parent, failed, dynamic=False)
         call.terdit_int8 = True  # type: ignore[attr-defined]
     return len(parents)
