@@ -48,7 +48,7 @@ def layer_calls(rows: int, k: int, n: int, seed: int = 0) -> dict[str, Callable[
     return {
         "fp32": lambda: x @ w32.t(),
         "bf16": lambda: xb @ wb.t(),
-        "int8-onednn": lambda: prepacked is not None and cpu_int8.qlinear_u8(qu, handle, alpha),
+        "int8-onednn": lambda: prepacked is not None and cpu_int8.qlinear_u8(qu, handle, alpha, torch.bfloat16),
         "int8-int_mm": lambda: torch._int_mm(qs, codes.t()),
     }
 

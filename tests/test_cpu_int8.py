@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from random_models import random_micro
 from safetensors.torch import load_file
+from torch import nn
 
 from terdit.deploy import PackedLinear, cpu_int8, export_model, load_deployed, set_policy
 from terdit.deploy import kernels as seam
@@ -93,6 +94,26 @@ def test_int8_layer_matches_quantized_float_reference(fmt, policy, m, k, n):
         y = layer(x)
     ref = quantized_reference(x, codes, layer.alphas, layer.bias)
     torch.testing.assert_close(y.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_int8_layer_in_half_precision_rounds_only_its_output(policy, dtype, native_bf16, monkeypatch):
+    """In bf16 / fp16 the matmul may write its output in that dtype (no fp32 buffer; oneDNN only for bf16 on
+    CPUs with bf16 instructions, forced here): the exact integer product, scaled, then rounded at most three
+    times (matmul output, token scale, bias), each within half an ulp."""
+    monkeypatch.setattr(cpu_int8, "NATIVE_BF16_OUT", native_bf16)
+    assert cpu_int8.onednn_out_dtype(dtype) == (dtype if native_bf16 and dtype == torch.bfloat16 else torch.float32)
+    layer, codes = make_layer("2bit", 96, 200, policy, seed=3)
+    layer.to(dtype)
+    x = (torch.randn(33, 200) * 3).to(dtype)
+    with torch.no_grad():
+        y = layer(x)
+    assert y.dtype == dtype
+    ref = quantized_reference(x, codes, layer.alphas.double(), layer.bias.double())
+    ulp = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11  # relative spacing of the dtype's values
+    torch.testing.assert_close(y.double(), ref, rtol=1.5 * ulp, atol=1.5 * ulp * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -284,6 +305,27 @@ def test_registry_policy_lookup():
         seam.unregister_kernel("2bit", "cpu")
 
 
+def test_int8_policy_leaves_per_sample_layers_packed():
+    """layer_policy: "int8" maps the layers under a model's `_per_sample_modules` to "int8-packed" (matching whole
+    name parts only), every other policy and every model without the attribute keep the policy as given."""
+    from terdit.deploy.packed_linear import layer_policy
+
+    tree = nn.Sequential(nn.Linear(8, 8))
+    assert layer_policy(tree, "0", "int8") == "int8"  # no attribute: any module tree, all resident
+    tree._per_sample_modules = ["cond"]
+    assert layer_policy(tree, "blocks.0.cond.1", "int8") == "int8-packed"
+    assert layer_policy(tree, "blocks.0.condition.1", "int8") == "int8"
+    assert layer_policy(tree, "blocks.0.cond.1", "memory") == "memory"
+    model = random_micro(seed=1)
+    assert model._per_sample_modules == ["adaLN_modulation"]
+    adaln = PackedLinear(8, 8, False, "2bit", "memory")
+    model.layers[0].adaLN_modulation[1] = adaln  # set_policy applies it as pack_ does
+    set_policy(model, "int8")
+    assert adaln.policy == "int8-packed"
+    set_policy(model, "speed")
+    assert adaln.policy == "speed"
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_deployed_model_int8_policies(fmt, tmp_path, monkeypatch):
     """A whole model: the int8 policies stay close to the exact path, and equal it where int8 is off."""
@@ -294,8 +336,11 @@ def test_deployed_model_int8_policies(fmt, tmp_path, monkeypatch):
     exact = run(load_deployed(tmp_path / "dep", policy="memory"))
     for policy in POLICIES:
         dep = load_deployed(tmp_path / "dep", policy=policy)
-        released = [m.packed_released for m in dep.modules() if isinstance(m, PackedLinear)]
-        assert all(released) == (policy == "int8" and torch.backends.mkldnn.is_available()), policy
+        for name, m in dep.named_modules():
+            if isinstance(m, PackedLinear):  # "int8" leaves the adaLN layers (one row per image) packed
+                per_sample = policy == "int8" and "adaLN_modulation" in name.split(".")
+                assert m.policy == ("int8-packed" if per_sample else policy), (policy, name)
+                assert m.packed_released == (m.policy == "int8" and torch.backends.mkldnn.is_available()), name
         if policy == "int8":  # the export of a released model is that of the original, tensor for tensor
             export_model(dep, tmp_path / "again", fmt)
             before, after = (load_file(tmp_path / d / "model.safetensors") for d in ("dep", "again"))
@@ -313,16 +358,17 @@ def test_deployed_model_int8_policies(fmt, tmp_path, monkeypatch):
         torch.testing.assert_close(run(dep), exact, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("weights", ["codes", "prepacked"])
+@pytest.mark.parametrize("weights", ["codes", "prepacked", "prepacked-bf16-out"])
 def test_compiled_matches_eager(weights, monkeypatch):
     """torch.compile of the integer path's units (quantize; multiply and scale) gives the eager values (one tiny
     SwiGLU, compiled once), with int8 codes (torch._int_mm) and with oneDNN-prepacked weights behind the
-    terdit::qlinear_u8 op."""
+    terdit::qlinear_u8 op, writing fp32 or (as on AVX-512 CPUs) bf16."""
+    monkeypatch.setattr(cpu_int8, "NATIVE_BF16_OUT", weights == "prepacked-bf16-out")
     torch.manual_seed(1)
     x = torch.randn(6, 32).bfloat16()
     codes = [torch.randint(-1, 2, s, dtype=torch.int8) for s in ((64, 32), (64, 32), (32, 64))]
     alphas = [torch.rand(1) + 0.1 for _ in codes]
-    if weights == "prepacked":
+    if weights != "codes":
         if not torch.backends.mkldnn.is_available():
             pytest.skip("no oneDNN")
         keep = [cpu_int8.prepack(c) for c in codes]
@@ -399,8 +445,9 @@ def test_act_bits_model_is_what_the_integer_path_computes(tmp_path):
 
 
 def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
-    """compile_int8_ (what load_deployed does for "int8"): attention, FFN and adaLN compiled around their packed
-    layers, so Inductor shares the quantization of one input, compute what the per-layer units compute."""
+    """compile_int8_ (what load_deployed does for "int8"): attention and FFN compiled around their packed layers
+    (adaLN's stays packed, per layer), so Inductor shares the quantization of one input, compute what the
+    per-layer units compute."""
     model = random_micro(seed=5)
     export_model(model, tmp_path / "dep", "2bit")
     run = guided_step(model.config)
@@ -416,7 +463,7 @@ def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
         pytest.skip("torch.compile failed earlier in this process")
     dep = load_deployed(tmp_path / "dep", policy="int8")
     assert sorted(compiled(dep)) == sorted(
-        f"layers.{i}.{m}" for i in range(model.config.depth) for m in ("attention", "feed_forward", "adaLN_modulation")
+        f"layers.{i}.{m}" for i in range(model.config.depth) for m in ("attention", "feed_forward")
     )
     out = run(dep)
     if not cpu_int8.compile_enabled():

@@ -26,7 +26,8 @@ class SampleArgs(SamplingSettings):
     overwrite: bool = overwrite_setting("sample file")
     vae: str | None = setting(None, "VAE to decode latents (default: the one the run trained with)")
     policy: str = setting("memory", "packed models: unpack per call (memory), cache unpacked weights (speed), or CPU "
-                          "integer compute with 8-bit activations, codes resident (int8) or packed (int8-packed)",
+                          "integer compute with 8-bit activations, codes resident (int8; adaLN's stay packed) or "
+                          "packed (int8-packed)",
                           choices=POLICIES)
 
 

@@ -13,9 +13,11 @@ of the output. On CPUs with int8 dot products (AVX512-VNNI, AVX-VNNI, AMX-INT8) 
 Two PackedLinear policies use it (`register_kernel(fmt, "cpu", ..., policy)`):
 
 - "int8": the codes are unpacked once and prepacked for oneDNN's int8 matmul (`qlinear_pointwise`,
-  uint8 activations q + 128 with zero point 128; 1 byte per weight, resident). The opaque prepacked
-  tensor is reached through the custom op `terdit::qlinear_u8` and an int64 handle, so torch.compile
-  fuses around it (it cannot take the prepacked tensor itself).
+  uint8 activations q + 128 with zero point 128; 1 byte per weight, resident; a bf16 output where its fast
+  kernels write one, `onednn_out_dtype`). The opaque prepacked tensor is reached through the custom op
+  `terdit::qlinear_u8` and an int64 handle, so torch.compile fuses around it (it cannot take the prepacked
+  tensor itself). Layers that see one row per image (TerDiT's adaLN) stay packed, on "int8-packed"'s path
+  (`terdit.deploy.packed_linear.layer_policy`).
 - "int8-packed": the weight stays packed (2 or 1.6 bits per weight); each call unpacks it into the model's
   shared int8 scratch (one 4-byte gather per 4 codes for "2bit", ~10% of the int8 matmul) and multiplies
   with `torch._int_mm` (prepacking per call would cost another pass; `_int_mm` took the same time as
@@ -78,6 +80,12 @@ def has_int8_dot() -> bool:
     return torch.backends.mkldnn.is_available() and any(f in cpu_flags() for f in INT8_FLAGS)
 
 
+# Whether oneDNN's fast int8 matmul kernels write bf16 here (`onednn_out_dtype`): its brgemm int8 matmul takes a
+# bf16 output on AVX-512 cores (avx512_core and above: every CPU with AVX512-VNNI or AMX), while on AVX2 a bf16
+# output sends it to its reference loop. Read once, as a constant that compiled code guards on.
+NATIVE_BF16_OUT = bool({"avx512_vnni", "amx_int8"} & cpu_flags())
+
+
 class QuantizedTokens(NamedTuple):
     """Per-token int8 activations: x ~ q / scale, q [rows, K] int8, scale [rows, 1] fp32."""
 
@@ -123,28 +131,40 @@ def prepack(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.library.custom_op("terdit::qlinear_u8", mutates_args=())
-def qlinear_u8(q: torch.Tensor, handle: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """alpha * ((q - 128) @ codes.T) in fp32, oneDNN's int8 matmul (VNNI / AMX), exact int32 accumulation."""
+def qlinear_u8(q: torch.Tensor, handle: torch.Tensor, alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """alpha * ((q - 128) @ codes.T) in `dtype`, oneDNN's int8 matmul (VNNI / AMX): exact int32 accumulation,
+    scaled in fp32 and rounded once to `dtype` as the kernel writes its output (bf16: no fp32 copy)."""
     w = _PREPACKED[int(handle[0])]
     zero = torch.zeros(1, dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 128, w, alpha.float(), zero, None, 1.0, 0, torch.float32, "none", [], ""
+        q, 1.0, 128, w, alpha.float(), zero, None, 1.0, 0, dtype, "none", [], ""
     )
 
 
 @qlinear_u8.register_fake
-def _(q: torch.Tensor, handle: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return q.new_empty(q.shape[0], handle.shape[0], dtype=torch.float32)
+def _(q: torch.Tensor, handle: torch.Tensor, alpha: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return q.new_empty(q.shape[0], handle.shape[0], dtype=dtype)
 
 
-def _mm(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias=None) -> torch.Tensor:
-    """(q @ codes.T) * alpha / scale (+ bias): accumulated exactly in int32, scaled in fp32. `w`: int8 codes
-    (torch._int_mm, q int8) or a `prepack` handle (oneDNN, q uint8)."""
+def onednn_out_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype oneDNN's int8 matmul writes: bf16 for a bf16 model where its fast kernels do (`NATIVE_BF16_OUT`;
+    half the output bytes, and no fp32 [rows, out] buffer per layer: ~40 MiB less at the peak of a compiled
+    600M step at batch 4, measured with the op emulated), else fp32."""
+    return dtype if dtype == torch.bfloat16 and NATIVE_BF16_OUT else torch.float32
+
+
+def _mm(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
+        dtype: torch.dtype) -> torch.Tensor:
+    """(q @ codes.T) * alpha / scale (+ bias) in `dtype`: accumulated exactly in int32, scaled in fp32. `w`: int8
+    codes (torch._int_mm, q int8) or a `prepack` handle (oneDNN, q uint8). Where the matmul writes `dtype`
+    (`onednn_out_dtype`; `_int_mm`'s scaling) the output is rounded after it and again after the token scale
+    and the bias, so that no fp32 buffer of the output's size is made; otherwise once, at the end."""
     if w.dtype == torch.int64:
-        y = torch.ops.terdit.qlinear_u8(q, w, alpha).div_(scale)
+        y = torch.ops.terdit.qlinear_u8(q, w, alpha, onednn_out_dtype(dtype)).div_(scale)
     else:
-        y = torch._int_mm(q, w.t()).float().mul_(alpha.float() / scale)
-    return y if bias is None else y.add_(bias.float())  # in place: eagerly, one fp32 output, not two
+        acc = torch._int_mm(q, w.t())
+        y = torch.mul(acc, alpha.float() / scale, out=torch.empty(acc.shape, dtype=dtype))
+    return (y if bias is None else y.add_(bias)).to(dtype)  # in place: eagerly, one output buffer
 
 
 # The integer path's two units, as pure functions of tensors so that torch.compile can fuse each one's
@@ -157,7 +177,7 @@ def quant_fn(x2: torch.Tensor, unsigned: bool) -> tuple[torch.Tensor, torch.Tens
 def mm_fn(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
           dtype: torch.dtype) -> torch.Tensor:
     """Quantized tokens times the codes, scaled (+ bias), in the compute `dtype`."""
-    return _mm(q, scale, w, alpha, bias).to(dtype)
+    return _mm(q, scale, w, alpha, bias, dtype)
 
 
 class SharedTokens:
@@ -234,7 +254,7 @@ def traced_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     ):
         return None
     q, scale = _quant(x.reshape(-1, layer.in_features), w.dtype == torch.int64)
-    y = _mm(q, scale, w, layer.alphas, layer.bias).to(x.dtype)
+    y = _mm(q, scale, w, layer.alphas, layer.bias, x.dtype)
     return y.view(*x.shape[:-1], layer.out_features)
 
 
@@ -341,6 +361,7 @@ __all__ = [
     "run",
     "traced_kernel",
     "mm_fn",
+    "onednn_out_dtype",
     "quant_fn",
     "unpack_codes_into",
 ]

@@ -262,6 +262,9 @@ class TerDiT(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]  # device_map="auto" places whole blocks (residual stream on one device)
+    # modules whose linears see one row per image (the conditioning), not one per token: the "int8" deploy
+    # policy keeps their weights packed (terdit.deploy.packed_linear.layer_policy)
+    _per_sample_modules = ["adaLN_modulation"]
 
     @_accepts_terdit_config
     @register_to_config
