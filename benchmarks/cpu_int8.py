@@ -5,6 +5,7 @@
     python benchmarks/cpu_int8.py --eager    # the integer path without torch.compile (smaller, slower)
     python benchmarks/cpu_int8.py --config TerDiT-Digits --batch 4 --threads 1 --json out.json
     TERDIT_CPU_INT8=1 python benchmarks/cpu_int8.py --memory-only   # memory only, int8 path forced (no VNNI)
+    python benchmarks/cpu_int8.py --mmap-threshold 131072   # every variant with glibc's fixed mmap threshold
 
 One sampling step = one guided model call for `batch` images (2 x batch forward rows, 256 tokens each for
 600M), random weights (ternary codes uniform in {-1, 0, 1}). Variants, each loaded once:
@@ -56,10 +57,13 @@ BF16_BASES = ("fp-bf16", "fp-bf16-compiled")  # a target is judged against the f
 BASES = (*BF16_BASES, "fp32")
 
 
-def _worker(args: list[str], threads: int, timeout: float, eager: bool = False) -> dict:
+def _worker(args: list[str], threads: int, timeout: float, eager: bool = False,
+            mmap_threshold: int | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if eager:
         env["TERDIT_CPU_COMPILE"] = "0"
+    if mmap_threshold is not None:  # glibc's own setting, the same for every variant
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     cmd = [sys.executable, "-m", "terdit.deploy.bench_worker", *args, "--threads", str(threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode != 0:
@@ -86,6 +90,7 @@ def run(a: argparse.Namespace, log=print) -> dict:
         "cpu_int8_dot": has_int8_dot(),
         "cpu_count": os.cpu_count(),
         "compile": not a.eager,
+        "mmap_threshold": a.mmap_threshold,
         "torch": torch.__version__,
         "times": [],
         "memory": [],
@@ -102,7 +107,7 @@ def run(a: argparse.Namespace, log=print) -> dict:
                 for n in names:
                     args += _spec(dirs, n)
                 t0 = time.perf_counter()
-                r = _worker(args, threads, a.timeout, a.eager)
+                r = _worker(args, threads, a.timeout, a.eager, a.mmap_threshold)
                 steps = dict(zip(names, r["step_s"]))
                 row = {"threads": threads, "batch": batch, "step_s": steps, "loadavg_1min": r["loadavg_1min"],
                        "wall_s": time.perf_counter() - t0}
@@ -123,7 +128,7 @@ def run(a: argparse.Namespace, log=print) -> dict:
                     if n == "fp32" and batch in a.skip_fp32_batch:
                         continue
                     args = ["memory", "--batch", str(batch), *_spec(dirs, n)]
-                    r = _worker(args, threads, a.timeout, a.eager)
+                    r = _worker(args, threads, a.timeout, a.eager, a.mmap_threshold)
                     out["memory"].append({"variant": n, "batch": batch, "peak_mb": r["peak_step_mb"],
                                           "rss_runtime_mb": r.get("rss_runtime_mb"),
                                           "rss_after_load_mb": r["rss_after_load_mb"], "peak_kind": r["peak_kind"]})
@@ -198,6 +203,9 @@ def main(argv: list[str] | None = None) -> None:
                         "dot products, TERDIT_CPU_INT8=1: memory is that of the int8 path, times are not)")
     p.add_argument("--eager", action="store_true",
                    help="integer path without torch.compile (TERDIT_CPU_COMPILE=0: 600M peak 66 MiB lower; slower)")
+    p.add_argument("--mmap-threshold", type=int, default=None, metavar="BYTES",
+                   help="run every variant with glibc's MALLOC_MMAP_THRESHOLD_=BYTES (e.g. 131072: freed buffers above "
+                        "it go back to the system instead of staying in the heap; less memory, slower steps)")
     p.add_argument("--quick", action="store_true", help="batch 1, 2 threads, 2 rounds, no fp32")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker process")
     p.add_argument("--json", type=Path, default=None)
@@ -209,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.batch, a.threads, a.repeats = [1], [2], 2
         a.variants = [v for v in a.variants if v not in ("fp32", "fp-bf16-compiled")]
+    if a.mmap_threshold is not None and a.mmap_threshold < 0:
+        p.error("--mmap-threshold must be a byte count >= 0")
     if "fp-bf16" not in a.variants:
         p.error("--variants must include fp-bf16 (every ratio is taken against it)")
     a.variants = ["fp-bf16"] + [v for v in a.variants if v != "fp-bf16"]
