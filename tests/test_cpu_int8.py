@@ -101,8 +101,8 @@ def test_int8_layer_matches_quantized_float_reference(fmt, policy, m, k, n):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_int8_layer_in_half_precision_rounds_only_its_output(policy, dtype, native_bf16, monkeypatch):
     """In bf16 / fp16 the matmul may write its output in that dtype (no fp32 buffer; oneDNN only for bf16 on
-    CPUs with bf16 instructions, forced here): the exact integer product, scaled, then rounded at most three
-    times (matmul output, token scale, bias), each within half an ulp."""
+    AVX-512 CPUs, `NATIVE_BF16_OUT`, forced on and off here): the exact integer product, scaled, then rounded
+    at most three times (matmul output, token scale, bias), each within half an ulp."""
     monkeypatch.setattr(cpu_int8, "NATIVE_BF16_OUT", native_bf16)
     assert cpu_int8.onednn_out_dtype(dtype) == (dtype if native_bf16 and dtype == torch.bfloat16 else torch.float32)
     layer, codes = make_layer("2bit", 96, 200, policy, seed=3)

@@ -239,11 +239,13 @@ BLOCK_LISTS = ("layers", "transformer_blocks")  # TerDiT's blocks; a diffusers t
 
 def compile_blocks_(model: nn.Module) -> int:
     """torch.compile each transformer block of `model`, in place (Module.compile: parameter names and the state
-    dict are unchanged). In a compiled block a ternary layer's codes, alpha scaling and straight-through
-    backward are traced with the rest of the block, with no Python call or Dynamo entry of their own:
-    a dim-512 batch-8 QAT step took 1.05x (1 thread) / 1.03x (2) the faster of the eager and compiled FP steps,
+    dict are unchanged). In a compiled block a ternary layer that scales its output (few rows) has its codes,
+    alpha scaling and straight-through backward traced with the rest of the block, with no Python call or
+    Dynamo entry of their own; one that scales its weight (many rows) runs its codes and weight gradients as the
+    custom ops terdit::ternary_scaled_codes / terdit::ternary_weight_grads inside the block's graph.
+    A dim-512 batch-8 QAT step took 1.05x (1 thread) / 1.03x (2) the faster of the eager and compiled FP steps,
     vs 1.13x / 1.19x eager against eager (benchmarks/train_step_ratio.py, AVX2 EPYC); at 2048 rows per layer
-    (dim512-latent, where alpha scales the weight and the codes run as custom ops) 1.03x at 2 threads. Label
+    (dim512-latent) 1.03x at 2 threads. Label
     dropout and the embedders stay eager, so the random draws are those of an eager run. If compiling fails
     (no C++ compiler, say), one warning, and every block trains eagerly. Returns the number of blocks."""
     blocks = [b for name in BLOCK_LISTS for b in getattr(model, name, ())]
