@@ -117,6 +117,26 @@ def test_int8_layer_in_half_precision_rounds_only_its_output(policy, dtype, nati
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [3, 80])
+def test_int8_packed_multiplies_in_blocks_of_output_rows(fmt, rows, monkeypatch):
+    """"int8-packed" unpacks and multiplies blocks of output rows (few input rows: FEW_ROWS_BLOCK_BYTES; many:
+    the scratch limit), here 5 and 7 rows of 33 (uneven last block): the same values as the reference, and the
+    shared scratch never holds a whole layer."""
+    monkeypatch.setattr(cpu_int8, "FEW_ROWS", 16)
+    layer, codes = make_layer(fmt, 33, 130, "int8-packed", seed=rows)
+    row_bytes = layer.packed.shape[1] * (4 if fmt == "2bit" else 5)
+    monkeypatch.setattr(cpu_int8, "FEW_ROWS_BLOCK_BYTES", 5 * row_bytes)
+    layer.scratch_limit = 7 * row_bytes
+    x = torch.randn(rows, 130)
+    with torch.no_grad():
+        y = layer(x)
+    ref = quantized_reference(x, codes, layer.alphas, layer.bias)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
+    block = 5 if rows <= 16 else 7
+    assert layer.scratch._bufs[(torch.device("cpu"), torch.int8)].numel() == block * row_bytes
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_integer_accumulation_is_exact(fmt, policy, monkeypatch):
     # alpha 1 and one scale per token of exactly 1 (each token's absmax is 127): the output is the integer

@@ -19,9 +19,9 @@ Two PackedLinear policies use it (`register_kernel(fmt, "cpu", ..., policy)`):
   tensor itself). Layers that see one row per image (TerDiT's adaLN) stay packed, on "int8-packed"'s path
   (`terdit.deploy.packed_linear.layer_policy`).
 - "int8-packed": the weight stays packed (2 or 1.6 bits per weight); each call unpacks it into the model's
-  shared int8 scratch (one 4-byte gather per 4 codes for "2bit", ~10% of the int8 matmul) and multiplies
-  with `torch._int_mm` (prepacking per call would cost another pass; `_int_mm` took the same time as
-  oneDNN's at 1 thread, but scaled worse to 2 threads on a loaded VM).
+  shared int8 scratch (one 4-byte gather per 4 codes for "2bit", ~10% of the int8 matmul; in blocks of
+  output rows, `packed_mm`) and multiplies with `torch._int_mm` (prepacking per call would cost another pass;
+  `_int_mm` took the same time as oneDNN's at 1 thread, but scaled worse to 2 threads on a loaded VM).
 
 A call the path does not take (autograd recording with an input that needs grad, a dtype other than
 fp32 / bf16 / fp16, a CPU without int8 dot products, TERDIT_NO_KERNELS=1) returns None and the layer runs
@@ -306,23 +306,41 @@ def unpack_codes_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, index: 
     return out.view(packed.shape[0], -1)
 
 
-def layer_codes(*layers: nn.Module) -> list[torch.Tensor]:
-    """The layers' int8 codes [out, in]: resident ("int8"), or ("int8-packed") unpacked now into one slice
-    each of the model's shared int8 scratch (reused call after call: no fresh pages to fault in; int8
-    codes are half the bf16 weight the float memory policy unpacks)."""
-    out: list[torch.Tensor | None] = [w.int8_weight() if w.policy == "int8" else None for w in layers]
-    packed = [w for w, c in zip(layers, out) if c is None]
-    if packed:
-        scratch, device = packed[0].scratch, packed[0].packed.device
-        buf = scratch.get(sum(w.unpacked_numel for w in packed), torch.int8, device)
-        index = scratch.get(max(w.packed.numel() for w in packed), torch.int32, device)
-        offset = 0
-        for i, w in enumerate(layers):
-            if out[i] is None:
-                part = buf[offset : offset + w.unpacked_numel]
-                out[i] = unpack_codes_into(w.packed, w.fmt, part, index)[:, : w.in_features]
-                offset += w.unpacked_numel
-    return out  # type: ignore[return-value]
+# "int8-packed" unpacks a layer's codes into the model's shared int8 scratch in blocks of output rows: whole
+# layers up to the memory policy's scratch limit (`PackedLinear.scratch_limit`), and for inputs of at most
+# FEW_ROWS rows (TerDiT's adaLN: two per image) blocks of FEW_ROWS_BLOCK_BYTES. There the matmul is a matrix-
+# vector product and the unpacking is no slower in blocks (a 600M adaLN-sized weight: 11-14 ms either way, AVX2
+# EPYC, 1-2 threads), and the scratch stays at 2 MiB instead of a whole adaLN weight and its int32 gather index
+# (600M: 18 MiB, resident from the first step on).
+FEW_ROWS = 64
+FEW_ROWS_BLOCK_BYTES = 2**20
+
+
+def packed_mm(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """"int8-packed": the layer's output for int8 tokens (q [rows, K], scale), unpacking its codes block by block
+    of output rows into the shared scratch (int8 codes are half the bf16 weight the memory policy unpacks; the
+    scratch is reused call after call: no fresh pages to fault in). Few rows: the blocks multiply eagerly,
+    where compiling has nothing to fuse."""
+    rows, n = q.shape[0], layer.out_features
+    row_bytes = layer.packed.shape[1] * DIGITS[layer.fmt]  # int8 codes per output row, padding included
+    limit = FEW_ROWS_BLOCK_BYTES if rows <= FEW_ROWS else layer.scratch_limit
+    block = max(1, min(n, limit // row_bytes))
+    device = layer.packed.device
+    buf = layer.scratch.get(block * row_bytes, torch.int8, device)
+    index = layer.scratch.get(block * layer.packed.shape[1], torch.int32, device)
+
+    def codes(r0: int, r1: int) -> torch.Tensor:
+        return unpack_codes_into(layer.packed[r0:r1], layer.fmt, buf, index)[:, : layer.in_features]
+
+    if block == n:
+        return run(mm_fn, q, scale, codes(0, n), layer.alphas, layer.bias, dtype)
+    y = q.new_empty(rows, n, dtype=dtype)
+    for r0 in range(0, n, block):
+        r1 = min(n, r0 + block)
+        bias = None if layer.bias is None else layer.bias[r0:r1]
+        args = (q, scale, codes(r0, r1), layer.alphas, bias, dtype)
+        y[:, r0:r1] = mm_fn(*args) if rows <= FEW_ROWS else run(mm_fn, *args)
+    return y
 
 
 def int8_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -330,9 +348,13 @@ def int8_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     The input's quantization is shared with the next layer called on the same tensor (`SharedTokens`)."""
     if not accepts(layer, x):
         return None
-    codes = layer_codes(layer)[0]
-    q, scale = layer.scratch.tokens.get(x, codes.dtype == torch.int64)
-    y = run(mm_fn, q, scale, codes, layer.alphas, layer.bias, x.dtype)
+    if layer.policy == "int8":
+        w = layer.int8_weight()  # resident: a prepack handle, or int8 codes where oneDNN is missing
+        q, scale = layer.scratch.tokens.get(x, w.dtype == torch.int64)
+        y = run(mm_fn, q, scale, w, layer.alphas, layer.bias, x.dtype)
+    else:
+        q, scale = layer.scratch.tokens.get(x, False)
+        y = packed_mm(layer, q, scale, x.dtype)
     return y.view(*x.shape[:-1], layer.out_features)
 
 
@@ -356,11 +378,11 @@ __all__ = [
     "enable_cpu_int8",
     "has_int8_dot",
     "int8_kernel",
-    "layer_codes",
     "quantize_tokens",
     "run",
     "traced_kernel",
     "mm_fn",
+    "packed_mm",
     "onednn_out_dtype",
     "quant_fn",
     "unpack_codes_into",
