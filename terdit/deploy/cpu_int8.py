@@ -309,8 +309,8 @@ def unpack_codes_into(packed: torch.Tensor, fmt: str, out: torch.Tensor, index: 
 # "int8-packed" unpacks a layer's codes into the model's shared int8 scratch in blocks of output rows: whole
 # layers up to the memory policy's scratch limit (`PackedLinear.scratch_limit`), and for inputs of at most
 # FEW_ROWS rows (TerDiT's adaLN: two per image) blocks of FEW_ROWS_BLOCK_BYTES. There the matmul is a matrix-
-# vector product and the unpacking is no slower in blocks (a 600M adaLN-sized weight: 11-14 ms either way, AVX2
-# EPYC, 1-2 threads), and the scratch stays at 2 MiB instead of a whole adaLN weight and its int32 gather index
+# vector product and the unpacking is no slower in blocks (a 9216 x 1536 weight: 11-14 ms either way, AVX2 EPYC,
+# 1-2 threads), and the scratch stays at 2 MiB instead of a whole adaLN weight and its int32 gather index
 # (600M: 18 MiB, resident from the first step on).
 FEW_ROWS = 64
 FEW_ROWS_BLOCK_BYTES = 2**20
@@ -319,8 +319,8 @@ FEW_ROWS_BLOCK_BYTES = 2**20
 def packed_mm(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """"int8-packed": the layer's output for int8 tokens (q [rows, K], scale), unpacking its codes block by block
     of output rows into the shared scratch (int8 codes are half the bf16 weight the memory policy unpacks; the
-    scratch is reused call after call: no fresh pages to fault in). Few rows: the blocks multiply eagerly,
-    where compiling has nothing to fuse."""
+    scratch is reused call after call: no fresh pages to fault in). Few rows in several blocks: each block
+    multiplies eagerly, where compiling has nothing to fuse."""
     rows, n = q.shape[0], layer.out_features
     row_bytes = layer.packed.shape[1] * DIGITS[layer.fmt]  # int8 codes per output row, padding included
     limit = FEW_ROWS_BLOCK_BYTES if rows <= FEW_ROWS else layer.scratch_limit
