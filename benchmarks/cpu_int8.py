@@ -5,6 +5,7 @@
     python benchmarks/cpu_int8.py --eager    # the integer path without torch.compile (smaller, slower)
     python benchmarks/cpu_int8.py --config TerDiT-Digits --batch 4 --threads 1 --json out.json
     TERDIT_CPU_INT8=1 python benchmarks/cpu_int8.py --memory-only   # memory only, int8 path forced (no VNNI)
+    python benchmarks/cpu_int8.py --memory-only --memory-processes 3   # three processes per peak, medians
     python benchmarks/cpu_int8.py --mmap-threshold 131072   # every variant with glibc's fixed mmap threshold
 
 One sampling step = one guided model call for `batch` images (2 x batch forward rows, 256 tokens each for
@@ -21,7 +22,8 @@ One sampling step = one guided model call for `batch` images (2 x batch forward 
 Time: all variants in one process per (threads, batch), interleaved round by round in rotating order after
 two warm-up rounds (terdit.deploy.bench_worker); ratios are medians (and minima) of per-round ratios, so a burst
 of load on a shared machine hits both sides of a ratio. Peak memory: a fresh process per variant and batch
-(RSS high-water mark during two steps, after loading), at the largest thread count.
+(RSS high-water mark during two steps, after loading), at the largest thread count; `--memory-processes N`
+runs N of each in rotating order and takes ratios of the median peaks.
 """
 
 from __future__ import annotations
@@ -124,17 +126,19 @@ def run(a: argparse.Namespace, log=print) -> dict:
         if a.memory:
             threads = max(a.threads)
             for batch in a.batch:
-                for n in a.variants:
-                    if n == "fp32" and batch in a.skip_fp32_batch:
-                        continue
-                    args = ["memory", "--batch", str(batch), *_spec(dirs, n)]
-                    r = _worker(args, threads, a.timeout, a.eager, a.mmap_threshold)
-                    out["memory"].append({"variant": n, "batch": batch, "peak_mb": r["peak_step_mb"],
-                                          "rss_runtime_mb": r.get("rss_runtime_mb"),
-                                          "rss_after_load_mb": r["rss_after_load_mb"], "peak_kind": r["peak_kind"]})
-                    log(f"[cpu_int8] peak memory batch {batch} {n:<16} {r['peak_step_mb']:8.0f} MB "
-                        f"(runtime before loading {r.get('rss_runtime_mb') or 0:.0f} MB, "
-                        f"after load {r['rss_after_load_mb']:.0f} MB)")
+                names = [n for n in a.variants if not (n == "fp32" and batch in a.skip_fp32_batch)]
+                for proc in range(a.memory_processes):
+                    for k in range(len(names)):
+                        n = names[(k + proc) % len(names)]  # rotating order, as the timed rounds
+                        args = ["memory", "--batch", str(batch), *_spec(dirs, n)]
+                        r = _worker(args, threads, a.timeout, a.eager, a.mmap_threshold)
+                        out["memory"].append({"variant": n, "batch": batch, "process": proc,
+                                              "peak_mb": r["peak_step_mb"], "rss_runtime_mb": r.get("rss_runtime_mb"),
+                                              "rss_after_load_mb": r["rss_after_load_mb"],
+                                              "peak_kind": r["peak_kind"]})
+                        log(f"[cpu_int8] peak memory batch {batch} {n:<16} {r['peak_step_mb']:8.0f} MB "
+                            f"(runtime before loading {r.get('rss_runtime_mb') or 0:.0f} MB, "
+                            f"after load {r['rss_after_load_mb']:.0f} MB)")
     out["targets"] = targets(out)
     return out
 
@@ -154,11 +158,18 @@ def format_times(row: dict) -> str:
 
 def peak_ratios(out: dict) -> dict[tuple[str, int], tuple[float | None, float | None]]:
     """(variant, batch) -> its peak memory over the smaller FP bf16 peak (eager or compiled) of that batch:
-    (whole process, above the runtime). Above the runtime = less the resident size of torch + diffusers +
-    terdit imported, nothing loaded: what the model itself adds (the targets are whole-process peaks)."""
-    peak = {(m["variant"], m["batch"]): m["peak_mb"] for m in out["memory"]}
-    own = {(m["variant"], m["batch"]): m["peak_mb"] - m["rss_runtime_mb"] for m in out["memory"]
-           if m.get("rss_runtime_mb")}
+    (whole process, above the runtime), each peak the median over its processes (`--memory-processes`).
+    Above the runtime = less the resident size of torch + diffusers + terdit imported, nothing loaded: what
+    the model itself adds (the targets are whole-process peaks)."""
+    def medians(rows: list[tuple[tuple[str, int], float]]) -> dict[tuple[str, int], float]:
+        groups: dict[tuple[str, int], list[float]] = {}
+        for key, v in rows:
+            groups.setdefault(key, []).append(v)
+        return {key: statistics.median(vs) for key, vs in groups.items()}
+
+    peak = medians([((m["variant"], m["batch"]), m["peak_mb"]) for m in out["memory"]])
+    own = medians([((m["variant"], m["batch"]), m["peak_mb"] - m["rss_runtime_mb"]) for m in out["memory"]
+                   if m.get("rss_runtime_mb")])
 
     def to_smallest_base(table: dict, n: str, batch: int) -> float | None:
         bases = [table[(b, batch)] for b in BF16_BASES if (b, batch) in table]
@@ -198,6 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip-fp32-batch", type=int, nargs="*", default=[],
                    help="batch sizes timed without the (slow) fp32 variant")
     p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory processes")
+    p.add_argument("--memory-processes", type=int, default=1, metavar="N",
+                   help="fresh peak-memory processes per variant and batch, in rotating order; ratios use the "
+                        "median peak (a process's peak varies by ~25 MiB with the allocator's state)")
     p.add_argument("--memory-only", dest="times", action="store_false",
                    help="only the peak-memory processes (e.g. where the int8 path is forced on a CPU without int8 "
                         "dot products, TERDIT_CPU_INT8=1: memory is that of the int8 path, times are not)")
@@ -217,6 +231,8 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         a.batch, a.threads, a.repeats = [1], [2], 2
         a.variants = [v for v in a.variants if v not in ("fp32", "fp-bf16-compiled")]
+    if a.memory_processes < 1:
+        p.error("--memory-processes must be >= 1")
     if a.mmap_threshold is not None and a.mmap_threshold < 0:
         p.error("--mmap-threshold must be a byte count >= 0")
     if "fp-bf16" not in a.variants:
