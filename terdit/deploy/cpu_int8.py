@@ -322,11 +322,9 @@ def packed_mm(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: tor
     scratch is reused call after call: no fresh pages to fault in). Few rows in several blocks: each block
     multiplies eagerly, where compiling has nothing to fuse."""
     rows, n = q.shape[0], layer.out_features
-    row_bytes = layer.packed.shape[1] * DIGITS[layer.fmt]  # int8 codes per output row, padding included
-    limit = FEW_ROWS_BLOCK_BYTES if rows <= FEW_ROWS else layer.scratch_limit
-    block = max(1, min(n, limit // row_bytes))
+    block = layer._row_block(torch.int8, FEW_ROWS_BLOCK_BYTES if rows <= FEW_ROWS else None)
     device = layer.packed.device
-    buf = layer.scratch.get(block * row_bytes, torch.int8, device)
+    buf = layer.scratch.get(block * layer.packed.shape[1] * DIGITS[layer.fmt], torch.int8, device)
     index = layer.scratch.get(block * layer.packed.shape[1], torch.int32, device)
 
     def codes(r0: int, r1: int) -> torch.Tensor:

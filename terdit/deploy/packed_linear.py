@@ -197,10 +197,11 @@ class PackedLinear(nn.Module):
         """Whether a call with input `x` takes the integer path (int8 policies, see terdit.deploy.cpu_int8)."""
         return find_kernel(self.fmt, x, self.policy) is cpu_int8.int8_kernel and cpu_int8.accepts(self, x)
 
-    def _row_block(self, dtype: torch.dtype) -> int:
-        """Output rows unpacked at once under the memory policy (all of them unless over scratch_limit)."""
+    def _row_block(self, dtype: torch.dtype, limit: int | None = None) -> int:
+        """Output rows unpacked at once into the scratch, as `dtype` (all of them unless over `limit` bytes, by
+        default scratch_limit): the memory policy's blocks, and "int8-packed"'s (`cpu_int8.packed_mm`)."""
         row_bytes = self.packed.shape[1] * DIGITS[self.fmt] * dtype.itemsize
-        return max(1, min(self.out_features, self.scratch_limit // row_bytes))
+        return max(1, min(self.out_features, (self.scratch_limit if limit is None else limit) // row_bytes))
 
     def _unpack(self, out: torch.Tensor, dtype: torch.dtype, r0: int = 0, r1: int | None = None) -> torch.Tensor:
         """Unpack output rows r0:r1 into the flat buffer `out`; returns the [rows, in] view."""
