@@ -509,3 +509,32 @@ def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, fail
     assert not cpu_int8.compile_enabled()
     assert not any(m._compiled_call_impl is not None or getattr(m, "traced_int8", False) for m in dep.modules())
     assert torch.equal(out, per_layer)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_int8_ffn_in_chunks_of_tokens_is_exact(policy, tmp_path):
+    """On CPU load_deployed runs FFNs with resident weights on chunks of tokens (chunk_ffn_); activations are
+    quantized per token, so chunks give the whole-batch step's values: compared with chunking off, and with
+    5-token chunks (an uneven last one). "int8-packed" unpacks per call and runs whole, as does "memory"."""
+    from terdit.deploy.bench import random_deploy_dir
+    from terdit.deploy.packed_linear import FFN_CHUNK_BYTES, ffn_chunk_rows
+
+    assert ffn_chunk_rows(get_config("TerDiT-600M").ffn_hidden) * 4 * 4096 == FFN_CHUNK_BYTES  # 512 tokens
+    assert ffn_chunk_rows(10**9) == 1
+    model = random_micro(seed=6)
+    export_model(model, tmp_path / "dep", "2bit")
+    run = guided_step(model.config)
+    dep = load_deployed(tmp_path / "dep", policy=policy)
+    rows = ffn_chunk_rows(model.config.ffn_hidden) if policy == "int8" else None
+    assert {b.ffn_chunk_rows for b in dep.layers} == {rows}
+    dep.set_ffn_chunk_rows(None)
+    whole = run(dep)
+    dep.set_ffn_chunk_rows(5)
+    torch.testing.assert_close(run(dep), whole, rtol=1e-6, atol=1e-6 * float(whole.abs().max()))
+    rows = ffn_chunk_rows(model.config.ffn_hidden)
+    for other, chunked in (("memory", False), ("speed", True), ("int8", True), ("int8-packed", False)):
+        set_policy(dep, other)
+        assert {b.ffn_chunk_rows for b in dep.layers} == {rows if chunked else None}, other
+    assert load_deployed(tmp_path / "dep", policy="memory").layers[0].ffn_chunk_rows is None
+    fp_dir = random_deploy_dir(get_config("TerDiT-Micro", ternary=False), "fp", tmp_path / "fp")
+    assert load_deployed(fp_dir).layers[0].ffn_chunk_rows == rows  # the full-precision baseline: chunked too

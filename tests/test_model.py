@@ -169,3 +169,30 @@ def test_full_precision_twin_is_large_dit():
     assert get_config("TerDiT-600M", ternary=False, adaln_norm=True).adaln_norm is True
     assert get_config("TerDiT-600M").adaln_norm is True
     assert get_config("TerDiT-600M", adaln_norm=False).linear == "ternary"
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 10**6])
+def test_ffn_in_chunks_of_tokens_is_the_whole_batch_ffn(rows):
+    """set_ffn_chunk_rows: each block's FFN on `rows` tokens at a time (an uneven last chunk for 7) computes
+    the forward of the unchunked model, which the deploy loader's chunking relies on."""
+    from random_models import random_micro
+
+    model = random_micro(seed=2)
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, cfg.in_channels, cfg.input_size, cfg.input_size, generator=g)
+    t, y = torch.tensor([3, 400, 999]), torch.tensor([0, 5, 9])
+    with torch.no_grad():
+        whole = model(x, t, y).sample
+        h = torch.randn(3, 11, cfg.dim, generator=g)
+        block = model.layers[0]
+        ffn_whole = block.feed_forward(h)
+        model.set_ffn_chunk_rows(rows)
+        assert all(b.ffn_chunk_rows == rows for b in model.layers)
+        torch.testing.assert_close(model(x, t, y).sample, whole, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(block.ffn(h), ffn_whole, rtol=1e-5, atol=1e-5 * float(ffn_whole.abs().max()))
+        model.set_ffn_chunk_rows(None)
+        assert torch.equal(model(x, t, y).sample, whole)
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="chunk rows"):
+            model.set_ffn_chunk_rows(bad)

@@ -23,6 +23,7 @@ from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, read_config
 from terdit.deploy.packed_linear import (
     POLICIES,
     PackedLinear,
+    chunk_ffn_,
     compile_int8_,
     pack_,
     reserve_scratch,
@@ -201,6 +202,7 @@ def load_deployed(
     model.deploy = info
     model.register_to_config(label_permutation=info.label_permutation)  # forward maps ImageNet ids itself
     model.eval().requires_grad_(False)
+    chunk_ffn_(model)  # the same rule for full precision: the baseline gets the same saving
     release_free_heap()
     if _malloc_trim() is not None and info.format in FORMATS:  # full-precision models never unpack
         for block in model.layers:

@@ -175,12 +175,26 @@ class TransformerBlock(nn.Module):
         if cfg.adaln_norm:  # TerDiT: RMSNorm over the whole 6*dim vector, before it is chunked
             adaln.append(RMSNorm(6 * cfg.dim, cfg.norm_eps))
         self.adaLN_modulation = nn.Sequential(*adaln)
+        self.ffn_chunk_rows: int | None = None  # TerDiT.set_ffn_chunk_rows
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attention(modulate(self.attention_norm(x), shift_msa, scale_msa))
-        x = x + gate_mlp.unsqueeze(1) * self.feed_forward(modulate(self.ffn_norm(x), shift_mlp, scale_mlp))
+        x = x + gate_mlp.unsqueeze(1) * self.ffn(modulate(self.ffn_norm(x), shift_mlp, scale_mlp))
         return x
+
+    def ffn(self, h: torch.Tensor) -> torch.Tensor:
+        """The FFN of h (B, N, dim), on at most `ffn_chunk_rows` tokens (of all images together) at a time when
+        set: it works token by token, so the values are the same, and only one chunk's hidden activations
+        (rows x ffn_hidden, the largest of a block) exist at once."""
+        rows = self.ffn_chunk_rows
+        if not rows or h.shape[0] * h.shape[1] <= rows:
+            return self.feed_forward(h)
+        h2 = h.reshape(-1, h.shape[-1])
+        out = torch.empty_like(h2)
+        for r0 in range(0, h2.shape[0], rows):
+            out[r0 : r0 + rows] = self.feed_forward(h2[r0 : r0 + rows])
+        return out.view_as(h)
 
 
 class FinalLayer(nn.Module):
@@ -322,6 +336,16 @@ class TerDiT(ModelMixin, ConfigMixin):
     @grad_checkpointing.setter
     def grad_checkpointing(self, value: bool) -> None:
         self.gradient_checkpointing = bool(value)
+
+    def set_ffn_chunk_rows(self, rows: int | None) -> None:
+        """Run each block's FFN on at most `rows` tokens at a time (None: all at once); the output is the same.
+        At large batches the FFN's hidden activations set inference's peak memory (600M, batch 4 with guidance:
+        2048 tokens x 4096 hidden per layer output); the deploy loader sets this on CPU
+        (`terdit.deploy.packed_linear.chunk_ffn_`: 512 tokens at 600M)."""
+        if rows is not None and rows < 1:
+            raise ValueError(f"ffn chunk rows must be >= 1 or None, got {rows}")
+        for block in self.layers:
+            block.ffn_chunk_rows = rows
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs: Any) -> TerDiT:  # type: ignore[override]
