@@ -185,8 +185,8 @@ class TransformerBlock(nn.Module):
 
     def ffn(self, h: torch.Tensor) -> torch.Tensor:
         """The FFN of h (B, N, dim), on at most `ffn_chunk_rows` tokens (of all images together) at a time when
-        set: it works token by token, so the values are the same, and only one chunk's hidden activations
-        (rows x ffn_hidden, the largest of a block) exist at once."""
+        set: it works token by token, so the values are the whole batch's (up to the float summation order of
+        the matmuls), and only one chunk's hidden activations (rows x ffn_hidden, a block's largest) exist at once."""
         rows = self.ffn_chunk_rows
         if not rows or h.shape[0] * h.shape[1] <= rows:
             return self.feed_forward(h)
@@ -338,9 +338,9 @@ class TerDiT(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = bool(value)
 
     def set_ffn_chunk_rows(self, rows: int | None) -> None:
-        """Run each block's FFN on at most `rows` tokens at a time (None: all at once); the output is the same.
-        At large batches the FFN's hidden activations set inference's peak memory (600M, batch 4 with guidance:
-        2048 tokens x 4096 hidden per layer output); the deploy loader sets this on CPU
+        """Run each block's FFN on at most `rows` tokens at a time (None: all at once), for the same output.
+        The FFN's hidden activations are a block's largest (600M, batch 4 with guidance: 2048 tokens x 4096 per
+        layer output), so chunks lower inference's peak memory; the deploy loader sets this on CPU
         (`terdit.deploy.packed_linear.chunk_ffn_`: 512 tokens at 600M)."""
         if rows is not None and rows < 1:
             raise ValueError(f"ffn chunk rows must be >= 1 or None, got {rows}")
