@@ -514,7 +514,7 @@ def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, fail
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_int8_ffn_in_chunks_of_tokens_is_exact(policy, tmp_path):
+def test_int8_ffn_in_chunks_of_tokens_gives_the_whole_batch_step(policy, tmp_path):
     """On CPU load_deployed runs FFNs with resident weights on chunks of tokens (chunk_ffn_); activations are
     quantized per token, so chunks give the whole-batch step's values: compared with chunking off, and with
     5-token chunks (an uneven last one). "int8-packed" unpacks per call and runs whole, as does "memory"."""
