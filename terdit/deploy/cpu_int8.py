@@ -148,8 +148,10 @@ def _(q: torch.Tensor, handle: torch.Tensor, alpha: torch.Tensor, dtype: torch.d
 
 def onednn_out_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype oneDNN's int8 matmul writes: bf16 for a bf16 model where its fast kernels do (`NATIVE_BF16_OUT`;
-    half the output bytes, and no fp32 [rows, out] buffer per layer: ~40 MiB less at the peak of a compiled
-    600M step at batch 4, measured with the op emulated), else fp32."""
+    half the output bytes, no fp32 [rows, out] buffer per layer), else fp32. With the op emulated on an AVX2
+    host, bf16 outputs took ~40 MiB off a compiled 600M step's peak at batch 4 while the FFN ran whole; with
+    its FFN in 512-token chunks (`packed_linear.chunk_ffn_`) the peak did not change (1116-1123 vs 1113-1133
+    MiB, one process each, three steps)."""
     return dtype if dtype == torch.bfloat16 and NATIVE_BF16_OUT else torch.float32
 
 
