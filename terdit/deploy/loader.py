@@ -22,6 +22,7 @@ from terdit.defaults import parse_dtype
 from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, read_config
 from terdit.deploy.packed_linear import (
     POLICIES,
+    UNPACK_PER_CALL,
     PackedLinear,
     chunk_ffn_,
     compile_int8_,
@@ -281,7 +282,7 @@ def _trim_heap_after_block(block: nn.Module, args: tuple, output: torch.Tensor) 
     run). Re-faulting the pages in the next block costs about 1-3% of a step.
     """
     wq = next((m for m in block.modules() if isinstance(m, PackedLinear)), None)
-    if output.device.type != "cpu" or wq is None or wq.policy not in ("memory", "int8-packed"):
+    if output.device.type != "cpu" or wq is None or wq.policy not in UNPACK_PER_CALL:
         return
     free = _free_heap_bytes()
     if free is None or free() > TRIM_FREE_BYTES:

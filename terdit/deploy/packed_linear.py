@@ -50,7 +50,8 @@ SCRATCH_LIMIT_BYTES = 16 * 2**20
 # On CPU a TerDiT block's FFN runs on chunks of tokens whose fp32 hidden activation (rows x ffn_hidden) stays
 # under this (`chunk_ffn_`): at 600M, batch 4 with guidance, the step's peak fell by ~45 MiB, FP bf16 and int8.
 FFN_CHUNK_BYTES = 8 * 2**20
-# Policies that unpack their weights on every call: an FFN run in chunks would unpack them once per chunk.
+# Policies that unpack their weights on every call: an FFN run in chunks would unpack them once per chunk
+# (`chunk_ffn_`), and each block leaves unpacked buffers in the heap (the loader's trim after a block).
 UNPACK_PER_CALL: tuple[str, ...] = ("memory", "int8-packed")
 
 
