@@ -514,10 +514,11 @@ def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, fail
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_int8_ffn_in_chunks_of_tokens_gives_the_whole_batch_step(policy, tmp_path):
-    """On CPU load_deployed runs FFNs with resident weights on chunks of tokens (chunk_ffn_); activations are
+def test_int8_ffn_in_chunks_of_tokens_gives_the_whole_batch_step(policy, monkeypatch, tmp_path):
+    """On CPU load_deployed runs FFNs on chunks of tokens where each weight unpacks at most once per FFN call
+    (chunk_ffn_: resident weights, and "int8-packed" whose codes stay in the scratch); activations are
     quantized per token, so chunks give the whole-batch step's values: compared with chunking off, and with
-    5-token chunks (an uneven last one). "int8-packed" unpacks per call and runs whole, as does "memory"."""
+    5-token chunks (an uneven last one). "memory" unpacks per call and runs whole."""
     from terdit.deploy.bench import random_deploy_dir
     from terdit.deploy.packed_linear import FFN_CHUNK_BYTES, ffn_chunk_rows
 
@@ -527,16 +528,106 @@ def test_int8_ffn_in_chunks_of_tokens_gives_the_whole_batch_step(policy, tmp_pat
     export_model(model, tmp_path / "dep", "2bit")
     run = guided_step(model.config)
     dep = load_deployed(tmp_path / "dep", policy=policy)
-    rows = ffn_chunk_rows(model.config.ffn_hidden) if policy == "int8" else None
-    assert {b.ffn_chunk_rows for b in dep.layers} == {rows}
+    assert {b.ffn_chunk_rows for b in dep.layers} == {ffn_chunk_rows(model.config.ffn_hidden)}
     dep.set_ffn_chunk_rows(None)
     whole = run(dep)
     dep.set_ffn_chunk_rows(5)
     torch.testing.assert_close(run(dep), whole, rtol=1e-6, atol=1e-6 * float(whole.abs().max()))
     rows = ffn_chunk_rows(model.config.ffn_hidden)
-    for other, chunked in (("memory", False), ("speed", True), ("int8", True), ("int8-packed", False)):
+    for other, chunked in (("memory", False), ("speed", True), ("int8", True), ("int8-packed", True)):
         set_policy(dep, other)
         assert {b.ffn_chunk_rows for b in dep.layers} == {rows if chunked else None}, other
     assert load_deployed(tmp_path / "dep", policy="memory").layers[0].ffn_chunk_rows is None
+    monkeypatch.setenv("TERDIT_CPU_INT8", "0")  # no integer path: both int8 policies unpack floats per call
+    for other, chunked in (("int8", False), ("int8-packed", False), ("speed", True)):
+        set_policy(dep, other)
+        assert {b.ffn_chunk_rows for b in dep.layers} == {rows if chunked else None}, other
+    monkeypatch.setenv("TERDIT_CPU_INT8", "1")
     fp_dir = random_deploy_dir(get_config("TerDiT-Micro", ternary=False), "fp", tmp_path / "fp")
     assert load_deployed(fp_dir).layers[0].ffn_chunk_rows == rows  # the full-precision baseline: chunked too
+
+
+def test_int8_packed_ffn_on_chunks_unpacks_each_layer_once_per_call(monkeypatch, tmp_path):
+    """"int8-packed" FFNs on chunks of tokens keep their codes side by side in the int8 scratch: each layer
+    unpacks once per FFN call (not per chunk), every other layer's unpack overwrites them (the next block
+    unpacks again), and the step equals the per-layer float reference of the same quantized computation
+    (layers run by hand on the whole batch, codes unpacked by the packing module)."""
+    from terdit.deploy import packed_linear
+    from terdit.quant.packing import unpack_rows
+
+    model = random_micro(seed=7)
+    export_model(model, tmp_path / "dep", "2bit")
+    dep = load_deployed(tmp_path / "dep", policy="int8-packed")
+    ffns = [[m for m in b.feed_forward.modules() if isinstance(m, PackedLinear)] for b in dep.layers]
+    sizes = [packed_linear._codes_bytes(m) for m in ffns[0]]  # every block's FFN has the same shapes
+    assert [[m.hold_offset for m in f] for f in ffns] == [[sum(sizes[:i]) for i in range(len(sizes))]] * len(ffns)
+    calls, real = [], cpu_int8.unpack_codes_into
+
+    def counted(packed, *args, **kwargs):
+        calls.append(packed.data_ptr())
+        return real(packed, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_int8, "unpack_codes_into", counted)
+    block = dep.layers[0]
+    h = torch.randn(2, 9, model.config.dim)
+    block.ffn_chunk_rows = 4  # 18 tokens: chunks of 4, 4, 4, 4, 2
+    out = block.ffn(h)
+    assert sorted(calls) == sorted(m.packed.data_ptr() for m in ffns[0])  # once per layer, five chunks
+    calls.clear()
+    block.ffn(h)
+    assert calls == []  # still in the scratch
+    dep.layers[0].attention.wq(h)  # another layer's unpack overwrites the start of the buffer
+    block.ffn(h)
+    assert ffns[0][0].packed.data_ptr() in calls
+
+    def reference(x: torch.Tensor, m: PackedLinear) -> torch.Tensor:  # per token, codes from the packing module
+        codes = unpack_rows(m.packed, m.fmt, m.in_features, torch.float64)
+        return quantized_reference(x.reshape(-1, x.shape[-1]).double(), codes, m.alphas.double(), m.bias)
+
+    w1, w2, w3 = (block.feed_forward.w1, block.feed_forward.w2, block.feed_forward.w3)
+    hidden = F.silu(reference(h, w1)) * reference(h, w3)
+    expected = reference(hidden.float(), w2).view_as(out)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_scratch_holds_contents_until_overwritten():
+    """Scratch.held refills only when its owner's contents may be gone: a plain get of the buffer, another
+    owner written over the same bytes, or a new stamp (the owner's data changed)."""
+    from terdit.deploy.packed_linear import Scratch
+
+    scratch, a, b = Scratch(), nn.Linear(1, 1), nn.Linear(1, 1)
+    fills = []
+
+    def hold(owner, stamp, offset, value):
+        def fill(out):
+            fills.append(value)
+            out.fill_(value)
+        return scratch.held(owner, stamp, offset, 4, torch.int8, torch.device("cpu"), fill)
+
+    assert hold(a, 0, 0, 1).tolist() == [1] * 4 and hold(b, 0, 4, 2).tolist() == [2] * 4  # b grows the buffer
+    assert hold(a, 0, 0, 9).tolist() == [1] * 4 and fills == [1, 2]  # both kept, side by side
+    hold(b, 0, 2, 3)  # b somewhere else, over half of a: a is refilled, b at 4 is gone too
+    assert hold(a, 0, 0, 4).tolist() == [4] * 4 and fills == [1, 2, 3, 4]
+    assert hold(a, 1, 0, 5).tolist() == [5] * 4  # a new stamp
+    scratch.get(1, torch.int32, torch.device("cpu"))  # another buffer: a kept
+    assert hold(a, 1, 0, 6).tolist() == [5] * 4
+    scratch.get(1, torch.int8, torch.device("cpu"))
+    assert hold(a, 1, 0, 7).tolist() == [7] * 4 and fills == [1, 2, 3, 4, 5, 7]
+
+
+def test_large_int8_packed_ffn_runs_whole(monkeypatch, tmp_path):
+    """An "int8-packed" FFN whose codes do not fit side by side in HELD_FFN_BYTES (4.2B's) runs whole: on
+    chunks each layer would unpack once per chunk."""
+    from terdit.deploy import packed_linear
+
+    model = random_micro(seed=8)
+    export_model(model, tmp_path / "dep", "2bit")
+    ffn_bytes = sum(packed_linear._codes_bytes(m) for m in load_deployed(tmp_path / "dep", policy="int8-packed")
+                    .layers[0].feed_forward.modules() if isinstance(m, PackedLinear))
+    monkeypatch.setattr(packed_linear, "HELD_FFN_BYTES", ffn_bytes)
+    dep = load_deployed(tmp_path / "dep", policy="int8-packed")
+    assert dep.layers[0].ffn_chunk_rows is not None
+    monkeypatch.setattr(packed_linear, "HELD_FFN_BYTES", ffn_bytes - 1)
+    set_policy(dep, "int8-packed")
+    assert {b.ffn_chunk_rows for b in dep.layers} == {None}
+    assert all(m.hold_offset is None for m in dep.modules() if isinstance(m, PackedLinear))

@@ -282,9 +282,14 @@ def accepts(layer: nn.Module, x: torch.Tensor) -> bool:
         and x.dtype in FLOAT_DTYPES
         and x.shape[-1] == layer.in_features
         and not (torch.is_grad_enabled() and x.requires_grad)
-        and os.environ.get("TERDIT_NO_KERNELS") != "1"
-        and has_int8_dot()
+        and integer_path_on()
     )
+
+
+def integer_path_on() -> bool:
+    """Whether this process takes the integer path for its inference calls at all (int8 dot products, kernels
+    not disabled with TERDIT_NO_KERNELS=1); where not, the int8 policies unpack floats per call, as "memory"."""
+    return os.environ.get("TERDIT_NO_KERNELS") != "1" and has_int8_dot()
 
 
 @functools.cache
@@ -322,12 +327,20 @@ def packed_mm(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: tor
     """"int8-packed": the layer's output for int8 tokens (q [rows, K], scale), unpacking its codes block by block
     of output rows into the shared scratch (int8 codes are half the bf16 weight the memory policy unpacks; the
     scratch is reused call after call: no fresh pages to fault in). Few rows in several blocks: each block
-    multiplies eagerly, where compiling has nothing to fuse."""
+    multiplies eagerly, where compiling has nothing to fuse. In an FFN run on chunks of tokens (`hold_offset`,
+    set by `packed_linear.chunk_ffn_`) a whole layer's codes stay at their own place in the scratch, unpacked
+    once for all chunks."""
     rows, n = q.shape[0], layer.out_features
     block = layer._row_block(torch.int8, FEW_ROWS_BLOCK_BYTES if rows <= FEW_ROWS else None)
     device = layer.packed.device
-    buf = layer.scratch.get(block * layer.packed.shape[1] * DIGITS[layer.fmt], torch.int8, device)
     index = layer.scratch.get(block * layer.packed.shape[1], torch.int32, device)
+    if block == n and layer.hold_offset is not None:  # an FFN on chunks of tokens: codes kept across chunks
+        packed = layer.packed
+        flat = layer.scratch.held(layer, (packed.data_ptr(), packed._version), layer.hold_offset,
+                                  packed.numel() * DIGITS[layer.fmt], torch.int8, device,
+                                  lambda out: unpack_codes_into(packed, layer.fmt, out, index))
+        return run(mm_fn, q, scale, flat.view(n, -1)[:, : layer.in_features], layer.alphas, layer.bias, dtype)
+    buf = layer.scratch.get(block * layer.packed.shape[1] * DIGITS[layer.fmt], torch.int8, device)
 
     def codes(r0: int, r1: int) -> torch.Tensor:
         return unpack_codes_into(layer.packed[r0:r1], layer.fmt, buf, index)[:, : layer.in_features]
@@ -377,6 +390,7 @@ __all__ = [
     "dequantize_tokens",
     "enable_cpu_int8",
     "has_int8_dot",
+    "integer_path_on",
     "int8_kernel",
     "quantize_tokens",
     "run",

@@ -28,6 +28,7 @@ memory policy unpacks into a fresh tensor instead of the shared scratch (autogra
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,9 +51,12 @@ SCRATCH_LIMIT_BYTES = 16 * 2**20
 # On CPU a TerDiT block's FFN runs on chunks of tokens whose fp32 hidden activation (rows x ffn_hidden) stays
 # under this (`chunk_ffn_`): at 600M, batch 4 with guidance, the step's peak fell by ~45 MiB, FP bf16 and int8.
 FFN_CHUNK_BYTES = 8 * 2**20
-# Policies that unpack their weights on every call: an FFN run in chunks would unpack them once per chunk
-# (`chunk_ffn_`), and each block leaves unpacked buffers in the heap (the loader's trim after a block).
+# Policies that unpack their weights on every call: each block leaves unpacked buffers in the heap (the loader's
+# trim after a block).
 UNPACK_PER_CALL: tuple[str, ...] = ("memory", "int8-packed")
+# "int8-packed" FFNs run on chunks too when their layers' int8 codes fit side by side in this much of the
+# scratch (600M: 3 x 6 MiB; 4.2B's 3 x 24 MiB do not): each layer then unpacks once per FFN call, not per chunk.
+HELD_FFN_BYTES = 32 * 2**20
 
 
 class Scratch:
@@ -61,21 +65,46 @@ class Scratch:
 
     def __init__(self) -> None:
         self._bufs: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        # per buffer, whose contents it still holds (`held`): (owner, offset, numel, stamp)
+        self._held: dict[tuple[torch.device, torch.dtype], list[tuple[nn.Module, int, int, object]]] = {}
         self.tokens = cpu_int8.SharedTokens()  # the integer path's last quantized input, for sibling layers
 
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A buffer of `numel` elements, to overwrite from its start: it no longer holds anyone's contents."""
         key = (torch.device(device), dtype)
+        self._held.pop(key, None)
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < numel:
             self._bufs.pop(key, None)  # free the smaller one before allocating
             buf = self._bufs[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
 
+    def held(self, owner: nn.Module, stamp: object, offset: int, numel: int, dtype: torch.dtype,
+             device: torch.device, fill: Callable[[torch.Tensor], object]) -> torch.Tensor:
+        """`numel` elements at `offset` of the (device, dtype) buffer, with `owner`'s contents: written by `fill`
+        unless still there from owner's last call with the same `stamp` (no `get` of this buffer since, nor
+        another owner's contents written over them). Lets an FFN run on chunks of tokens unpack each layer once
+        ("int8-packed"); `stamp` says which version of the owner's data they are."""
+        key = (torch.device(device), dtype)
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < offset + numel:  # grow, keeping what it holds
+            grown = self._bufs[key] = torch.empty(offset + numel, dtype=dtype, device=device)
+            if buf is not None:
+                grown[: buf.numel()].copy_(buf)
+        view = self._bufs[key][offset : offset + numel]
+        entries = self._held.setdefault(key, [])
+        if not any(o is owner and e == [offset, numel, stamp] for o, *e in entries):
+            entries[:] = [e for e in entries if e[1] + e[2] <= offset or e[1] >= offset + numel]
+            fill(view)
+            entries.append((owner, offset, numel, stamp))
+        return view
+
     def reserve(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
         self.get(numel, dtype, device)
 
     def clear(self) -> None:
         self._bufs.clear()
+        self._held.clear()
         self.tokens.clear()
 
 
@@ -107,6 +136,8 @@ class PackedLinear(nn.Module):
         )
         self.scratch = scratch if scratch is not None else Scratch()
         self.scratch_limit = SCRATCH_LIMIT_BYTES
+        # "int8-packed" in an FFN run on chunks of tokens: where its codes stay in the int8 scratch (`chunk_ffn_`)
+        self.hold_offset: int | None = None
         self._cached: torch.Tensor | None = None
         self._prepacked: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 policy: oneDNN weight, handle
         self.traced_int8 = False  # set by `compile_int8_`: inside its compiled parent, the traceable integer path
@@ -386,17 +417,46 @@ def ffn_chunk_rows(ffn_hidden: int, budget: int = FFN_CHUNK_BYTES) -> int:
     return max(1, budget // (4 * ffn_hidden))
 
 
+def _codes_bytes(layer: PackedLinear) -> int:
+    """Bytes of the layer's codes unpacked to int8 (padding codes included)."""
+    return layer.out_features * layer.packed.shape[1] * DIGITS[layer.fmt]
+
+
+def _unpacks_once(ffn: list[PackedLinear]) -> bool:
+    """Whether an FFN whose packed layers are `ffn` unpacks each weight at most once per call when it runs on
+    chunks of tokens: resident weights, or "int8-packed" codes that fit whole in the int8 scratch side by side.
+    Where the integer path is off, both int8 policies unpack floats per call, as "memory" does."""
+    policies = {m.policy for m in ffn}
+    if policies & set(cpu_int8.INT8_POLICIES) and not cpu_int8.integer_path_on():
+        return False
+    if policies <= {"speed", "int8"}:
+        return True
+    sizes = [_codes_bytes(m) for m in ffn]
+    return (policies == {"int8-packed"} and sum(sizes) <= HELD_FFN_BYTES
+            and all(n <= m.scratch_limit for n, m in zip(sizes, ffn)))
+
+
 def chunk_ffn_(model: nn.Module) -> None:
     """On CPU, a TerDiT's FFNs run on `ffn_chunk_rows` tokens at a time (the same values, a lower peak) where
-    their weights stay resident between calls (full precision, "speed", "int8"); elsewhere (GPU, "memory",
-    "int8-packed", which unpack per call) on all tokens at once. load_deployed and set_policy call it."""
+    each weight is unpacked at most once per FFN call (`_unpacks_once`): full precision, "speed", "int8", and
+    "int8-packed" up to HELD_FFN_BYTES, whose layers then keep their codes at fixed places of the int8 scratch
+    across the chunks (`hold_offset`, `Scratch.held`). Elsewhere (GPU, "memory", a larger "int8-packed" FFN)
+    all tokens at once. load_deployed and set_policy call it."""
     set_rows = getattr(model, "set_ffn_chunk_rows", None)
     if set_rows is None:
         return
-    ffn = [m for block in model.layers for m in block.feed_forward.modules() if isinstance(m, PackedLinear)]
-    resident = not any(m.policy in UNPACK_PER_CALL for m in ffn)
-    cpu = next(model.parameters()).device.type == "cpu"
-    set_rows(ffn_chunk_rows(model.config.ffn_hidden) if cpu and resident else None)
+    ffns = [[m for m in block.feed_forward.modules() if isinstance(m, PackedLinear)] for block in model.layers]
+    for m in (m for ffn in ffns for m in ffn):
+        m.hold_offset = None
+    if next(model.parameters()).device.type != "cpu" or not all(_unpacks_once(ffn) for ffn in ffns):
+        set_rows(None)
+        return
+    for ffn in ffns:
+        offset = 0
+        for m in ffn:
+            if m.policy == "int8-packed":
+                m.hold_offset, offset = offset, offset + _codes_bytes(m)
+    set_rows(ffn_chunk_rows(model.config.ffn_hidden))
 
 
 def compile_int8_(model: nn.Module) -> int:
