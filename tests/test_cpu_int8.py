@@ -552,14 +552,13 @@ def test_int8_packed_ffn_on_chunks_unpacks_each_layer_once_per_call(monkeypatch,
     unpacks once per FFN call (not per chunk), every other layer's unpack overwrites them (the next block
     unpacks again), and the step equals the per-layer float reference of the same quantized computation
     (layers run by hand on the whole batch, codes unpacked by the packing module)."""
-    from terdit.deploy import packed_linear
     from terdit.quant.packing import unpack_rows
 
     model = random_micro(seed=7)
     export_model(model, tmp_path / "dep", "2bit")
     dep = load_deployed(tmp_path / "dep", policy="int8-packed")
     ffns = [[m for m in b.feed_forward.modules() if isinstance(m, PackedLinear)] for b in dep.layers]
-    sizes = [packed_linear._codes_bytes(m) for m in ffns[0]]  # every block's FFN has the same shapes
+    sizes = [m.unpacked_numel for m in ffns[0]]  # every block's FFN has the same shapes
     assert [[m.hold_offset for m in f] for f in ffns] == [[sum(sizes[:i]) for i in range(len(sizes))]] * len(ffns)
     calls, real = [], cpu_int8.unpack_codes_into
 
@@ -622,7 +621,7 @@ def test_large_int8_packed_ffn_runs_whole(monkeypatch, tmp_path):
 
     model = random_micro(seed=8)
     export_model(model, tmp_path / "dep", "2bit")
-    ffn_bytes = sum(packed_linear._codes_bytes(m) for m in load_deployed(tmp_path / "dep", policy="int8-packed")
+    ffn_bytes = sum(m.unpacked_numel for m in load_deployed(tmp_path / "dep", policy="int8-packed")
                     .layers[0].feed_forward.modules() if isinstance(m, PackedLinear))
     monkeypatch.setattr(packed_linear, "HELD_FFN_BYTES", ffn_bytes)
     dep = load_deployed(tmp_path / "dep", policy="int8-packed")

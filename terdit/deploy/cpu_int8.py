@@ -337,7 +337,7 @@ def packed_mm(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: tor
     if block == n and layer.hold_offset is not None:  # an FFN on chunks of tokens: codes kept across chunks
         packed = layer.packed
         flat = layer.scratch.held(layer, (packed.data_ptr(), packed._version), layer.hold_offset,
-                                  packed.numel() * DIGITS[layer.fmt], torch.int8, device,
+                                  layer.unpacked_numel, torch.int8, device,
                                   lambda out: unpack_codes_into(packed, layer.fmt, out, index))
         return run(mm_fn, q, scale, flat.view(n, -1)[:, : layer.in_features], layer.alphas, layer.bias, dtype)
     buf = layer.scratch.get(block * layer.packed.shape[1] * DIGITS[layer.fmt], torch.int8, device)

@@ -417,11 +417,6 @@ def ffn_chunk_rows(ffn_hidden: int, budget: int = FFN_CHUNK_BYTES) -> int:
     return max(1, budget // (4 * ffn_hidden))
 
 
-def _codes_bytes(layer: PackedLinear) -> int:
-    """Bytes of the layer's codes unpacked to int8 (padding codes included)."""
-    return layer.out_features * layer.packed.shape[1] * DIGITS[layer.fmt]
-
-
 def _unpacks_once(ffn: list[PackedLinear]) -> bool:
     """Whether an FFN whose packed layers are `ffn` unpacks each weight at most once per call when it runs on
     chunks of tokens: resident weights, or "int8-packed" codes that fit whole in the int8 scratch side by side.
@@ -431,7 +426,7 @@ def _unpacks_once(ffn: list[PackedLinear]) -> bool:
         return False
     if policies <= {"speed", "int8"}:
         return True
-    sizes = [_codes_bytes(m) for m in ffn]
+    sizes = [m.unpacked_numel for m in ffn]  # int8 codes: one byte each
     return (policies == {"int8-packed"} and sum(sizes) <= HELD_FFN_BYTES
             and all(n <= m.scratch_limit for n, m in zip(sizes, ffn)))
 
@@ -455,7 +450,7 @@ def chunk_ffn_(model: nn.Module) -> None:
         offset = 0
         for m in ffn:
             if m.policy == "int8-packed":
-                m.hold_offset, offset = offset, offset + _codes_bytes(m)
+                m.hold_offset, offset = offset, offset + m.unpacked_numel
     set_rows(ffn_chunk_rows(model.config.ffn_hidden))
 
 
