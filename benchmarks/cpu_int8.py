@@ -13,8 +13,8 @@ One sampling step = one guided model call for `batch` images (2 x batch forward 
 
     fp32         full-precision twin (linear="fp"), fp32 compute
     fp-bf16      full-precision twin, bf16 compute (oneDNN's bf16 matmuls)
-    fp-bf16-compiled  the same, with torch.compile around each module holding linear layers (attention, FFN,
-                 adaLN), as the int8 policy compiles its modules: the non-matmul work fused for both sides
+    fp-bf16-compiled  the same, with torch.compile around each transformer block, as the int8 policy compiles
+                 its blocks: the non-matmul work (norms, modulation, RoPE, gates) fused for both sides
     int8         ternary, codes resident as int8, integer matmuls, the rest in bf16
     int8-packed  ternary, 2-bit packed, unpacked to int8 block by block, integer matmuls, the rest in bf16
     (--float-policies adds the packed "memory" and "speed" policies in bf16, the float paths)
@@ -135,10 +135,13 @@ def run(a: argparse.Namespace, log=print) -> dict:
                         out["memory"].append({"variant": n, "batch": batch, "process": proc,
                                               "peak_mb": r["peak_step_mb"], "rss_runtime_mb": r.get("rss_runtime_mb"),
                                               "rss_after_load_mb": r["rss_after_load_mb"],
+                                              "step_minor_faults": r.get("step_minor_faults"),
+                                              "step_sys_s": r.get("step_sys_s"),
                                               "peak_kind": r["peak_kind"]})
                         log(f"[cpu_int8] peak memory batch {batch} {n:<16} {r['peak_step_mb']:8.0f} MB "
                             f"(runtime before loading {r.get('rss_runtime_mb') or 0:.0f} MB, "
-                            f"after load {r['rss_after_load_mb']:.0f} MB)")
+                            f"after load {r['rss_after_load_mb']:.0f} MB; a step's page faults "
+                            f"{r.get('step_minor_faults') or 0:,}, kernel time {r.get('step_sys_s') or 0:.2f} s)")
     out["targets"] = targets(out)
     return out
 

@@ -464,10 +464,10 @@ def test_act_bits_model_is_what_the_integer_path_computes(tmp_path):
     assert rel(int8) < 1e-3 and rel(exact) > 10 * rel(int8), (rel(int8), rel(exact))
 
 
-def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
-    """compile_int8_ (what load_deployed does for "int8"): attention and FFN compiled around their packed layers
-    (adaLN's stays packed, per layer), so Inductor shares the quantization of one input, compute what the
-    per-layer units compute."""
+def test_compiled_blocks_match_the_per_layer_path(tmp_path, monkeypatch):
+    """compile_int8_ (what load_deployed does for "int8"): each transformer block compiled around its int8
+    layers, adaLN's packed layer breaking the graph to run its own path, so Inductor fuses norms, modulation,
+    RoPE and the quantization of one input, computes what the per-layer units compute."""
     model = random_micro(seed=5)
     export_model(model, tmp_path / "dep", "2bit")
     run = guided_step(model.config)
@@ -482,9 +482,10 @@ def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
     if not cpu_int8.compile_enabled():
         pytest.skip("torch.compile failed earlier in this process")
     dep = load_deployed(tmp_path / "dep", policy="int8")
-    assert sorted(compiled(dep)) == sorted(
-        f"layers.{i}.{m}" for i in range(model.config.depth) for m in ("attention", "feed_forward")
-    )
+    assert sorted(compiled(dep)) == [f"layers.{i}" for i in range(model.config.depth)]
+    packed = {n: m for n, m in dep.named_modules() if isinstance(m, PackedLinear)}
+    assert {n for n, m in packed.items() if m.run_eagerly} == {n for n in packed if "adaLN_modulation" in n}
+    assert all(m.traced_int8 != m.run_eagerly for m in packed.values())
     out = run(dep)
     if not cpu_int8.compile_enabled():
         pytest.skip("torch.compile is not available here (the eager path ran)")
@@ -492,7 +493,29 @@ def test_compiled_parents_match_the_per_layer_path(tmp_path, monkeypatch):
     dep.set_ffn_chunk_rows(5)  # the compiled FFN on 2-D chunks of tokens (an uneven last one): the same step
     torch.testing.assert_close(run(dep), out, rtol=1e-5, atol=1e-5 * float(out.abs().max()))
     set_policy(dep, "memory")  # leaving int8 drops the compiled parents
-    assert compiled(dep) == [] and not any(getattr(m, "traced_int8", False) for m in dep.modules())
+    assert compiled(dep) == [] and not any(m.traced_int8 or m.run_eagerly for m in packed.values())
+
+
+def test_compile_units_are_the_repeated_blocks_else_the_linear_parents():
+    """What compile_int8_ and the benchmark's compiled full-precision baseline compile: TerDiT's blocks (its
+    `_repeated_blocks`, diffusers' regional compilation), or for a model without them each module holding a
+    layer among its children."""
+    from terdit.deploy.bench_worker import compile_like_int8_
+    from terdit.models.compiling import compile_units
+
+    def linear(m):
+        return isinstance(m, nn.Linear)
+
+    model = random_micro(seed=1, linear="fp", qk_norm=True)
+    assert compile_units(model, linear) == list(model.layers)
+    plain = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU(), nn.Linear(3, 3)), nn.ReLU())
+    assert compile_units(plain, linear) == [plain, plain[1]]
+    assert compile_units(plain, lambda m: False) == []
+    # the full-precision baseline compiled so (RoPE in real arithmetic, norms fused): the eager step's values
+    run = guided_step(model.config)
+    eager = run(model)
+    assert compile_like_int8_(model) == model.config.depth
+    torch.testing.assert_close(run(model), eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
 
 
 def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, failing_compile):
@@ -509,7 +532,8 @@ def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, fail
         out = run(dep)
     assert sum("torch.compile failed" in str(w.message) for w in record) == 1
     assert not cpu_int8.compile_enabled()
-    assert not any(m._compiled_call_impl is not None or getattr(m, "traced_int8", False) for m in dep.modules())
+    assert not any(m._compiled_call_impl is not None or getattr(m, "traced_int8", False)
+                   or getattr(m, "run_eagerly", False) for m in dep.modules())
     assert torch.equal(out, per_layer)
 
 

@@ -106,6 +106,10 @@ def test_rope_matches_complex_rotation_of_adjacent_pairs():
     xc = torch.view_as_complex(x.double().reshape(2, 7, 3, 8, 2))
     ref = torch.view_as_real(xc * rot[None, :, None, :]).reshape(2, 7, 3, 16)
     assert torch.allclose(rope(x).double(), ref, atol=1e-5)
+    # inside torch.compile RoPE is real arithmetic (Inductor has no complex kernels): the same rotation
+    compiled = torch.compile(rope, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(x).double(), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(compiled(x.bfloat16()), rope(x.bfloat16()), rtol=2**-8, atol=1e-6)  # 1 ulp
 
 
 def test_patchify_order_and_roundtrip():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -47,26 +48,27 @@ def _sync(device: torch.device) -> None:
 
 
 WARMUP_ROUNDS = 2
-COMPILED = "+compiled"  # policy suffix: the loaded model's linear-holding modules run through torch.compile
+COMPILED = "+compiled"  # policy suffix: the loaded model runs through torch.compile as `compile_like_int8_` does
 
 
-def compile_linear_parents_(model: nn.Module) -> int:
-    """torch.compile, in place, each module that holds as children the linears a ternary model quantizes
-    (`paper_filter`; TerDiT: attention, FFN, adaLN of each block): what the int8 policy compiles around its
-    packed layers (`compile_int8_`), for a full-precision baseline whose element-wise work (norms, SwiGLU,
-    modulation, RoPE) is fused the same way. Returns how many."""
+def compile_like_int8_(model: nn.Module) -> int:
+    """torch.compile, in place, the units the int8 policy compiles around its layers (`compile_int8_`, through
+    `compile_units`; TerDiT: each transformer block), here around the linears a ternary model quantizes
+    (`paper_filter`): a full-precision baseline whose element-wise work (norms, modulation, RoPE, SwiGLU, gates)
+    is fused the same way. Returns how many."""
+    from terdit.models.compiling import compile_units
     from terdit.quant.module_swap import paper_filter
 
-    names = {fqn.rpartition(".")[0] for fqn, m in model.named_modules() if paper_filter(m, fqn)}
-    parents = [m for fqn, m in model.named_modules() if fqn in names]
-    for m in parents:
+    linears = {id(m) for fqn, m in model.named_modules() if paper_filter(m, fqn)}
+    units = compile_units(model, lambda m: id(m) in linears)
+    for m in units:
         m.compile(dynamic=False)
-    return len(parents)
+    return len(units)
 
 
 def _setup(directory: str, policy: str, dev: torch.device, dt: torch.dtype, batch: int, cfg: float, seed: int):
     """Load a deploy directory and return (model, one-sampling-step callable, load seconds).
-    `policy` may end in "+compiled" (see `compile_linear_parents_`)."""
+    `policy` may end in "+compiled" (see `compile_like_int8_`)."""
     from terdit.deploy.loader import load_deployed
     from terdit.diffusion.guidance import guided_model_fn
 
@@ -74,7 +76,7 @@ def _setup(directory: str, policy: str, dev: torch.device, dt: torch.dtype, batc
     policy = policy.removesuffix(COMPILED)
     t0 = time.perf_counter()
     model = load_deployed(directory, device=dev, dtype=dt, policy=policy)
-    if compiled and not compile_linear_parents_(model):
+    if compiled and not compile_like_int8_(model):
         raise ValueError(f"policy {policy}{COMPILED}: {directory} has no nn.Linear layers to compile around")
     _sync(dev)
     load_s = time.perf_counter() - t0
@@ -110,10 +112,17 @@ def measure_memory(directory: str, policy: str, device: str, dtype: str, batch: 
     peak_reset = _reset_peak_rss() if dev.type == "cpu" else False
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    times = [_timed(step, dev) for _ in range(2)]
+    times = [_timed(step, dev)]
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    times.append(_timed(step, dev))
+    after = resource.getrusage(resource.RUSAGE_SELF)
     out = {
         "load_s": load_s,
         "unpaired_step_s": times[-1],
+        # the second step's page faults and kernel CPU time: what handing freed memory back to the OS costs (each
+        # page of a fresh buffer faults in again), a cost whose seconds do not depend on how fast the matmuls are
+        "step_minor_faults": after.ru_minflt - before.ru_minflt,
+        "step_sys_s": after.ru_stime - before.ru_stime,
         "rss_runtime_mb": rss_runtime / 1024 if rss_runtime else None,
         "rss_after_load_mb": rss_loaded / 1024 if rss_loaded else None,
         "load_peak_rss_mb": load_peak / 1024 if load_peak else None,
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("mode", choices=["memory", "times"])
     p.add_argument("--dir", action="append", required=True, help="deploy directory (repeat for 'times')")
     p.add_argument("--policy", action="append", required=True,
-                   help=f"policy per --dir; with '{COMPILED}' appended, torch.compile around the nn.Linear layers")
+                   help=f"policy per --dir; with '{COMPILED}' appended, torch.compile as the int8 policy does")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", action="append", default=None, help="compute dtype: once, or once per --dir")
     p.add_argument("--batch", type=int, default=2)

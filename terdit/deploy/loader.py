@@ -212,7 +212,7 @@ def load_deployed(
         warm_cache(model, dt)
         release_free_heap()  # the unpacking's temporaries
         if policy == "int8":
-            compile_int8_(model)  # attention / FFN compile on first call, around their packed layers
+            compile_int8_(model)  # each block compiles on first call, around its int8 layers
     else:
         reserve_scratch(model, dt)
     return model

@@ -38,7 +38,7 @@ import terdit.deploy.cpu_int8 as cpu_int8
 from terdit.deploy.backends import auto_register
 from terdit.deploy.kernels import find_kernel
 from terdit.errors import TerditError
-from terdit.models.compiling import compile_with_fallback
+from terdit.models.compiling import compile_units, compile_with_fallback
 from terdit.quant.module_swap import FilterFn
 from terdit.quant.packing import DIGITS, FORMATS, code_lut, pack_rows, rows_shape, unpack_rows, unpack_rows_into
 from terdit.quant.ptq import quantize_ternary
@@ -140,7 +140,9 @@ class PackedLinear(nn.Module):
         self.hold_offset: int | None = None
         self._cached: torch.Tensor | None = None
         self._prepacked: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 policy: oneDNN weight, handle
-        self.traced_int8 = False  # set by `compile_int8_`: inside its compiled parent, the traceable integer path
+        # set by `compile_int8_`, inside its compiled block: the traceable integer path (traced_int8), or a graph
+        # break and this layer's own eager path (run_eagerly: adaLN's packed layers)
+        self.traced_int8 = self.run_eagerly = False
         # "int8" policy: `packed` is a placeholder of its shape (1 byte of storage) while the prepacked weight
         # holds the codes (`release_packed`); what reads its bytes calls `restore_packed` first
         self.packed_released = False
@@ -276,6 +278,8 @@ class PackedLinear(nn.Module):
             y = cpu_int8.traced_kernel(self, x)
             if y is not None:
                 return y
+        if self.run_eagerly and torch.compiler.is_compiling():
+            return _outside_graph(self, x)
         kernel = find_kernel(self.fmt, x, self.policy)
         if kernel is not None:
             y = kernel(self, x)
@@ -455,50 +459,59 @@ def chunk_ffn_(model: nn.Module) -> None:
 
 
 def compile_int8_(model: nn.Module) -> int:
-    """"int8" policy on CPU: torch.compile, in place, each module whose packed children are all "int8" (for
-    TerDiT: attention, FFN; adaLN's layer is "int8-packed", see `layer_policy`), with those layers' integer path
-    traced into its graph; returns how many.
+    """"int8" policy on CPU: torch.compile, in place, each unit of `compile_units` (TerDiT: each transformer
+    block) holding "int8" layers, with those layers' integer path traced into its graph; returns how many.
+    Packed layers of another policy inside a unit (adaLN's "int8-packed", see `layer_policy`) break the graph
+    and run their own eager path.
 
     The per-layer kernel runs each layer's quantize / int8 matmul as its own compiled unit, so the model's own
-    code between layers (SwiGLU's silu * w3 x) runs eagerly and layers on one input share its tokens only
-    through `SharedTokens`. Traced inside the parent, Inductor CSEs the repeated quantization of an input
-    (wq, wk, wv; w1, w3) and fuses the SwiGLU into w2's quantization: at 600M, 1 thread, attention and FFN
-    ran 5-8% faster than the old fused units of the packed block subclasses, and a 600M step 1.30x faster than
-    bf16 instead of 1.05-1.14x. "int8-packed" stays per layer: compiled, its per-call unpack allocated fresh
-    buffers where the per-layer path reuses the scratch, and a whole step was no faster. Modules of the same
-    class and shapes share one compiled graph. Nothing happens where the per-layer integer path is off (no int8 dot
-    products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0); call after `warm_cache` (the prepacked weights must
-    exist; a layer without them takes the per-layer path). A compile failure switches back to eager
-    for the process, as the per-layer units do.
+    code between layers runs eagerly and layers on one input share its tokens only through `SharedTokens`.
+    Traced inside the block, Inductor CSEs the repeated quantization of an input (wq, wk, wv; w1, w3), fuses
+    the norm and modulation before a layer into its quantization and the SwiGLU product into w2's, and fuses
+    RoPE, gates and residuals: fewer passes, and fewer step-sized temporaries for the allocator to fragment
+    (measured: terdit/deploy/README.md). Compiling attention and FFN alone had already made them 5-8% faster
+    than per-layer units (600M, 1 thread), a step 1.30x faster than bf16 instead of 1.05-1.14x; whole blocks'
+    speed is not measured on a CPU with int8 dot products. "int8-packed" stays per layer: compiled, its
+    per-call unpack allocated fresh buffers where the per-layer path reuses the scratch, and a whole step was
+    no faster. Blocks of one class share one compiled graph. Nothing happens where the per-layer integer path
+    is off (no int8 dot products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0); call after `warm_cache` (the
+    prepacked weights must exist; a layer without them takes the per-layer path). A compile failure switches
+    back to eager for the process, as the per-layer units do.
     """
     if not (cpu_int8.compile_enabled() and cpu_int8.has_int8_dot() and os.environ.get("TERDIT_NO_KERNELS") != "1"):
         return 0
-    parents: list[tuple[nn.Module, list[PackedLinear]]] = []
-    for parent in list(model.modules()):
-        children = [c for c in parent.children() if isinstance(c, PackedLinear)]
-        if isinstance(parent, PackedLinear) or not children:
-            continue
-        if all(c.policy == "int8" and c.packed.device.type == "cpu" for c in children):
-            parents.append((parent, children))
 
-    def failed(e: Exception) -> None:  # the parents, their layers' traced path and the integer path go eager
+    def int8_layer(m: nn.Module) -> bool:
+        return isinstance(m, PackedLinear) and m.policy == "int8" and m.packed.device.type == "cpu"
+
+    units = compile_units(model, int8_layer)
+
+    def failed(e: Exception) -> None:  # the units, their layers' traced path and the integer path go eager
         cpu_int8.compile_failed(e)
-        for parent, _ in parents:
-            _uncompile(parent)
+        for unit in units:
+            _uncompile(unit)
 
-    for parent, children in parents:
-        for child in children:
-            child.traced_int8 = True
-        call = compile_with_fallback(parent, failed, dynamic=False)
+    for unit in units:
+        for layer in unit.modules():
+            if isinstance(layer, PackedLinear):
+                layer.traced_int8, layer.run_eagerly = int8_layer(layer), not int8_layer(layer)
+        call = compile_with_fallback(unit, failed, dynamic=False)
         call.terdit_int8 = True  # type: ignore[attr-defined]
-    return len(parents)
+    return len(units)
 
 
-def _uncompile(parent: nn.Module) -> None:
-    parent._compiled_call_impl = None
-    for child in parent.children():
-        if isinstance(child, PackedLinear):
-            child.traced_int8 = False
+@torch.compiler.disable
+def _outside_graph(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+    """A packed layer called from a compiled graph that should not be traced: the graph breaks here and the
+    layer runs eagerly, with its usual kernel."""
+    return layer(x)
+
+
+def _uncompile(unit: nn.Module) -> None:
+    unit._compiled_call_impl = None
+    for layer in unit.modules():
+        if isinstance(layer, PackedLinear):
+            layer.traced_int8 = layer.run_eagerly = False
 
 
 def uncompile_int8_(model: nn.Module) -> None:

@@ -39,4 +39,15 @@ def compile_with_fallback(
     return call
 
 
-__all__ = ["compile_with_fallback"]
+def compile_units(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> list[nn.Module]:
+    """The modules to compile around `model`'s layers (those `is_layer` picks): each instance of the model's
+    `_repeated_blocks` (diffusers' regional compilation; TerDiT: TransformerBlock) holding such a layer, so
+    Inductor fuses a whole block's element-wise work (norms, modulation, RoPE, gates, residuals) with the
+    layers; for a model without them, each module with such a layer among its children."""
+    blocks = set(getattr(model, "_repeated_blocks", None) or ())
+    if blocks:
+        return [m for m in model.modules() if type(m).__name__ in blocks and any(map(is_layer, m.modules()))]
+    return [m for m in model.modules() if not is_layer(m) and any(map(is_layer, m.children()))]
+
+
+__all__ = ["compile_units", "compile_with_fallback"]

@@ -98,7 +98,9 @@ class LabelEmbedder(nn.Module):
 class RotaryEmbedding(nn.Module):
     """1-D RoPE over the raster order of patches, rotating adjacent pairs (2i, 2i+1), in fp32.
 
-    As a complex multiplication (like the public code): one output tensor and no temporaries.
+    Eagerly as a complex multiplication (like the public code): one output tensor and no temporaries. Inside
+    torch.compile the same product in real arithmetic, which Inductor fuses into one pass (it has no complex
+    kernels and would run the complex ops one by one, each with an fp32 buffer of the input's size).
     """
 
     def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
@@ -108,19 +110,23 @@ class RotaryEmbedding(nn.Module):
         self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def rotation(self, n: int, device: torch.device) -> torch.Tensor:
-        """(n, head_dim / 2) complex64: exp(i * position * theta^(-2j / head_dim))."""
+        """(n, head_dim / 2, 2) float32: cos and sin of position * theta^(-2j / head_dim), i.e.
+        exp(i * angle) as real pairs (a complex view of it is free; a complex tensor would not compile)."""
         key = (n, device)
         if key not in self._cache:
             inv = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
             angles = torch.outer(torch.arange(n, dtype=torch.float32), inv)
-            self._cache[key] = torch.polar(torch.ones_like(angles), angles).to(device)
+            self._cache[key] = torch.stack((angles.cos(), angles.sin()), -1).to(device)
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, H, head_dim)."""
-        rot = self.rotation(x.shape[1], x.device)[None, :, None, :]
-        xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)
+        rot = self.rotation(x.shape[1], x.device)[None, :, None]
+        pairs = x.float().unflatten(-1, (-1, 2))
+        if torch.compiler.is_compiling():
+            (a, b), (c, s) = pairs.unbind(-1), rot.unbind(-1)
+            return torch.stack((a * c - b * s, a * s + b * c), -1).flatten(-2).to(x.dtype)
+        return torch.view_as_real(torch.view_as_complex(pairs) * torch.view_as_complex(rot)).flatten(-2).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -276,6 +282,7 @@ class TerDiT(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]  # device_map="auto" places whole blocks (residual stream on one device)
+    _repeated_blocks = ["TransformerBlock"]  # what compile_repeated_blocks() and the "int8" deploy policy compile
     # modules whose linears see one row per image (the conditioning), not one per token: the "int8" deploy
     # policy keeps their weights packed (terdit.deploy.packed_linear.layer_policy)
     _per_sample_modules = ["adaLN_modulation"]
