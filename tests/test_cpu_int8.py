@@ -500,15 +500,20 @@ def test_compile_units_are_the_repeated_blocks_else_the_linear_parents():
     """What compile_int8_ and the benchmark's compiled full-precision baseline compile: TerDiT's blocks (its
     `_repeated_blocks`, diffusers' regional compilation), or for a model without them each module holding a
     layer among its children."""
+    from random_models import tiny_dit
+
     from terdit.deploy.bench_worker import compile_like_int8_
-    from terdit.models.compiling import compile_units
+    from terdit.models.compiling import compile_units, repeated_blocks
 
     def linear(m):
         return isinstance(m, nn.Linear)
 
     model = random_micro(seed=1, linear="fp", qk_norm=True)
-    assert compile_units(model, linear) == list(model.layers)
+    assert repeated_blocks(model) == compile_units(model, linear) == list(model.layers)
+    dit = tiny_dit()  # diffusers' DiT declares no _repeated_blocks: its transformer_blocks (what train --compile uses)
+    assert repeated_blocks(dit) == compile_units(dit, linear) == list(dit.transformer_blocks)
     plain = nn.Sequential(nn.Linear(2, 3), nn.Sequential(nn.ReLU(), nn.Linear(3, 3)), nn.ReLU())
+    assert repeated_blocks(plain) == []
     assert compile_units(plain, linear) == [plain, plain[1]]
     assert compile_units(plain, lambda m: False) == []
     # the full-precision baseline compiled so (RoPE in real arithmetic, norms fused): the eager step's values

@@ -39,15 +39,24 @@ def compile_with_fallback(
     return call
 
 
+def repeated_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks: the instances of its `_repeated_blocks` classes (diffusers' regional
+    compilation; TerDiT: TransformerBlock), else the modules of a diffusers transformer's `transformer_blocks`
+    (DiTTransformer2DModel declares no `_repeated_blocks`); empty for other models."""
+    names = set(getattr(model, "_repeated_blocks", None) or ())
+    if names:
+        return [m for m in model.modules() if type(m).__name__ in names]
+    return list(getattr(model, "transformer_blocks", None) or ())
+
+
 def compile_units(model: nn.Module, is_layer: Callable[[nn.Module], bool]) -> list[nn.Module]:
-    """The modules to compile around `model`'s layers (those `is_layer` picks): each instance of the model's
-    `_repeated_blocks` (diffusers' regional compilation; TerDiT: TransformerBlock) holding such a layer, so
-    Inductor fuses a whole block's element-wise work (norms, modulation, RoPE, gates, residuals) with the
-    layers; for a model without them, each module with such a layer among its children."""
-    blocks = set(getattr(model, "_repeated_blocks", None) or ())
+    """The modules to compile around `model`'s layers (those `is_layer` picks): each of its `repeated_blocks`
+    holding such a layer, so Inductor fuses a whole block's element-wise work (norms, modulation, RoPE, gates,
+    residuals) with the layers; for a model without blocks, each module with such a layer among its children."""
+    blocks = repeated_blocks(model)
     if blocks:
-        return [m for m in model.modules() if type(m).__name__ in blocks and any(map(is_layer, m.modules()))]
+        return [b for b in blocks if any(map(is_layer, b.modules()))]
     return [m for m in model.modules() if not is_layer(m) and any(map(is_layer, m.children()))]
 
 
-__all__ = ["compile_units", "compile_with_fallback"]
+__all__ = ["compile_units", "compile_with_fallback", "repeated_blocks"]

@@ -66,7 +66,7 @@ from terdit.io import (
     save_tensors,
 )
 from terdit.models import runs as runlib
-from terdit.models.compiling import compile_with_fallback
+from terdit.models.compiling import compile_with_fallback, repeated_blocks
 from terdit.models.configs import TerDiTConfig, get_config
 from terdit.models.memory import check_batch_fits
 from terdit.models.terdit import TerDiT
@@ -234,9 +234,6 @@ def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-BLOCK_LISTS = ("layers", "transformer_blocks")  # TerDiT's blocks; a diffusers transformer's (distillation)
-
-
 def compile_blocks_(model: nn.Module) -> int:
     """torch.compile each transformer block of `model`, in place (Module.compile: parameter names and the state
     dict are unchanged). In a compiled block a ternary layer that scales its output (few rows) has its codes,
@@ -248,9 +245,10 @@ def compile_blocks_(model: nn.Module) -> int:
     (dim512-latent) 1.03x at 2 threads. Label
     dropout and the embedders stay eager, so the random draws are those of an eager run. If compiling fails
     (no C++ compiler, say), one warning, and every block trains eagerly. Returns the number of blocks."""
-    blocks = [b for name in BLOCK_LISTS for b in getattr(model, name, ())]
+    blocks = repeated_blocks(model)
     if not blocks:
-        raise TerditError(f"--compile: {type(model).__name__} has no block list ({' / '.join(BLOCK_LISTS)})")
+        raise TerditError(f"--compile: {type(model).__name__} has no transformer blocks (_repeated_blocks or "
+                          f"transformer_blocks)")
 
     warned = []
 
@@ -703,7 +701,7 @@ class Trainer:
             mp = MixedPrecisionPolicy(param_dtype=self.autocast_dtype, reduce_dtype=torch.float32) \
                 if self.autocast_dtype is not None else MixedPrecisionPolicy()
             for m in (model, ema):
-                for block in m.layers:
+                for block in repeated_blocks(m):
                     fully_shard(block, mp_policy=mp)
                 fully_shard(m, mp_policy=mp)
             return model, ema
