@@ -470,13 +470,13 @@ def compile_int8_(model: nn.Module) -> int:
     the norm and modulation before a layer into its quantization and the SwiGLU product into w2's, and fuses
     RoPE, gates and residuals: fewer passes, and fewer step-sized temporaries for the allocator to fragment
     (measured: terdit/deploy/README.md). Compiling attention and FFN alone had already made them 5-8% faster
-    than per-layer units (600M, 1 thread), a step 1.30x faster than bf16 instead of 1.05-1.14x; whole blocks'
-    speed is not measured on a CPU with int8 dot products. "int8-packed" stays per layer: compiled, its
-    per-call unpack allocated fresh buffers where the per-layer path reuses the scratch, and a whole step was
-    no faster. Blocks of one class share one compiled graph. Nothing happens where the per-layer integer path
-    is off (no int8 dot products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0); call after `warm_cache` (the
-    prepacked weights must exist; a layer without them takes the per-layer path). A compile failure switches
-    back to eager for the process, as the per-layer units do.
+    than the earlier fused units of packed block subclasses (600M, 1 thread), a step 1.30x faster than bf16
+    instead of 1.05-1.14x; whole blocks' speed is not measured on a CPU with int8 dot products. "int8-packed"
+    stays per layer: compiled, its per-call unpack allocated fresh buffers where the per-layer path reuses the
+    scratch, and a whole step was no faster. Blocks of one class share one compiled graph. Nothing happens
+    where the per-layer integer path is off (no int8 dot products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0);
+    call after `warm_cache` (the prepacked weights must exist; a layer without them takes the per-layer path).
+    A compile failure switches back to eager for the process, as the per-layer units do.
     """
     if not (cpu_int8.compile_enabled() and cpu_int8.has_int8_dot() and os.environ.get("TERDIT_NO_KERNELS") != "1"):
         return 0

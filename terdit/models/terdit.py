@@ -282,7 +282,9 @@ class TerDiT(ModelMixin, ConfigMixin):
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["TransformerBlock"]  # device_map="auto" places whole blocks (residual stream on one device)
-    _repeated_blocks = ["TransformerBlock"]  # what compile_repeated_blocks() and the "int8" deploy policy compile
+    # its transformer blocks (terdit.models.compiling.repeated_blocks): what diffusers' compile_repeated_blocks(),
+    # `terdit train --compile`, FSDP's per-block sharding and the "int8" deploy policy work on
+    _repeated_blocks = ["TransformerBlock"]
     # modules whose linears see one row per image (the conditioning), not one per token: the "int8" deploy
     # policy keeps their weights packed (terdit.deploy.packed_linear.layer_policy)
     _per_sample_modules = ["adaLN_modulation"]
