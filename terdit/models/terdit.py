@@ -116,7 +116,8 @@ class RotaryEmbedding(nn.Module):
         if key not in self._cache:
             inv = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
             angles = torch.outer(torch.arange(n, dtype=torch.float32), inv)
-            self._cache[key] = torch.stack((angles.cos(), angles.sin()), -1).to(device)
+            # torch.polar as the public code (its cos / sin differ from torch.cos / sin by an ulp here and there)
+            self._cache[key] = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device)
         return self._cache[key]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
