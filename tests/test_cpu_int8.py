@@ -14,8 +14,9 @@ from random_models import random_micro
 from safetensors.torch import load_file
 from torch import nn
 
-from terdit.deploy import PackedLinear, cpu_int8, export_model, load_deployed, set_policy
+from terdit.deploy import PackedLinear, compile_int8_, cpu_int8, export_model, load_deployed, set_policy
 from terdit.deploy import kernels as seam
+from terdit.deploy.packed_linear import warm_cache
 from terdit.models.configs import get_config
 from terdit.models.terdit import FeedForward
 from terdit.quant.bitnet import quantize_activations
@@ -134,6 +135,24 @@ def test_int8_packed_multiplies_in_blocks_of_output_rows(fmt, rows, monkeypatch)
     torch.testing.assert_close(y.double(), ref, rtol=2e-6, atol=2e-6 * float(ref.abs().max()))
     block = 5 if rows <= 16 else 7
     assert layer.scratch._bufs[(torch.device("cpu"), torch.int8)].numel() == block * row_bytes
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("rows", [3, 80])
+def test_packed_int8_mm_op_is_the_exact_integer_product(fmt, rows, monkeypatch):
+    """The op a compiled block calls for an "int8-packed" layer (terdit::packed_int8_mm, the layer named by its
+    handle): the exact int32 product of int8 tokens and the codes, in blocks of output rows as the eager path
+    (5 and 7 rows of 33 here); torch.library.opcheck checks its schema and fake (meta) function."""
+    monkeypatch.setattr(cpu_int8, "FEW_ROWS", 16)
+    layer, codes = make_layer(fmt, 33, 130, "int8-packed", seed=rows)
+    row_bytes = layer.packed.shape[1] * (4 if fmt == "2bit" else 5)
+    monkeypatch.setattr(cpu_int8, "FEW_ROWS_BLOCK_BYTES", 5 * row_bytes)
+    layer.scratch_limit = 7 * row_bytes
+    q = torch.randint(-127, 128, (rows, 130), dtype=torch.int8, generator=torch.Generator().manual_seed(rows))
+    handle = cpu_int8.packed_handle(layer)
+    acc = torch.ops.terdit.packed_int8_mm(q, handle)
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), q.long() @ codes.long().T)
+    torch.library.opcheck(torch.ops.terdit.packed_int8_mm, (q, handle))
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -464,10 +483,12 @@ def test_act_bits_model_is_what_the_integer_path_computes(tmp_path):
     assert rel(int8) < 1e-3 and rel(exact) > 10 * rel(int8), (rel(int8), rel(exact))
 
 
-def test_compiled_blocks_match_the_per_layer_path(tmp_path, monkeypatch):
-    """compile_int8_ (what load_deployed does for "int8"): each transformer block compiled around its int8
-    layers, adaLN's packed layer breaking the graph to run its own path, so Inductor fuses norms, modulation,
-    RoPE and the quantization of one input, computes what the per-layer units compute."""
+@pytest.mark.parametrize("policy", cpu_int8.INT8_POLICIES)
+def test_compiled_blocks_match_the_per_layer_path(tmp_path, monkeypatch, policy):
+    """compile_int8_ (what load_deployed does for the int8 policies): each transformer block compiled around
+    its packed layers, "int8" ones multiplying with their prepacked weight and "int8-packed" ones (adaLN's in
+    an "int8" model) through the opaque unpack-and-multiply op, so Inductor fuses norms, modulation, RoPE and
+    the quantization of one input: computes what the per-layer units compute, with one graph per block class."""
     model = random_micro(seed=5)
     export_model(model, tmp_path / "dep", "2bit")
     run = guided_step(model.config)
@@ -475,25 +496,40 @@ def test_compiled_blocks_match_the_per_layer_path(tmp_path, monkeypatch):
     def compiled(m):
         return [n for n, mod in m.named_modules() if getattr(mod._compiled_call_impl, "terdit_int8", False)]
 
-    eager = load_deployed(tmp_path / "dep", policy="int8")  # TERDIT_CPU_COMPILE=0: per-layer, eager
+    eager = load_deployed(tmp_path / "dep", policy=policy)  # TERDIT_CPU_COMPILE=0: per-layer, eager
     assert compiled(eager) == []
     per_layer = run(eager)
     monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
     if not cpu_int8.compile_enabled():
         pytest.skip("torch.compile failed earlier in this process")
-    dep = load_deployed(tmp_path / "dep", policy="int8")
+    dep = load_deployed(tmp_path / "dep", policy=policy)
     assert sorted(compiled(dep)) == [f"layers.{i}" for i in range(model.config.depth)]
     packed = {n: m for n, m in dep.named_modules() if isinstance(m, PackedLinear)}
-    assert {n for n, m in packed.items() if m.run_eagerly} == {n for n in packed if "adaLN_modulation" in n}
-    assert all(m.traced_int8 != m.run_eagerly for m in packed.values())
+    in_blocks = {n for n in packed if n.startswith("layers.")}
+    assert {n for n, m in packed.items() if m.traced_int8} == in_blocks
+    assert {n for n, m in packed.items() if m.packed_handle is not None} == {
+        n for n in in_blocks if policy == "int8-packed" or "adaLN_modulation" in n}
+    counters = torch._dynamo.utils.counters
+    torch._dynamo.reset()  # the two policies' graphs look alike: count this model's own
+    counters.clear()
     out = run(dep)
     if not cpu_int8.compile_enabled():
         pytest.skip("torch.compile is not available here (the eager path ran)")
     torch.testing.assert_close(out, per_layer, rtol=1e-4, atol=1e-4 * float(per_layer.abs().max()))
+    torch.testing.assert_close(run(dep), out, rtol=0, atol=0)
+    # one graph for the first block (it fills RoPE's cache, which Dynamo guards on) and one the others share;
+    # no graph break (adaLN's packed layer is inside), nothing compiled again on the second step
+    assert counters["stats"]["unique_graphs"] == 2 and not counters["graph_break"], dict(counters)
     dep.set_ffn_chunk_rows(5)  # the compiled FFN on 2-D chunks of tokens (an uneven last one): the same step
     torch.testing.assert_close(run(dep), out, rtol=1e-5, atol=1e-5 * float(out.abs().max()))
     set_policy(dep, "memory")  # leaving int8 drops the compiled parents
-    assert compiled(dep) == [] and not any(m.traced_int8 or m.run_eagerly for m in packed.values())
+    assert compiled(dep) == [] and not any(m.traced_int8 or m.packed_handle is not None for m in packed.values())
+    set_policy(dep, policy)
+    dep.layers[1].attention.wo.set_policy("memory")  # a block with a layer of another policy stays per layer
+    mixed = run(dep)
+    warm_cache(dep, torch.float32)
+    assert compile_int8_(dep) == model.config.depth - 1 and "layers.1" not in compiled(dep)
+    torch.testing.assert_close(run(dep), mixed, rtol=1e-4, atol=1e-4 * float(mixed.abs().max()))
 
 
 def test_compile_units_are_the_repeated_blocks_else_the_linear_parents():
@@ -538,7 +574,7 @@ def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, fail
     assert sum("torch.compile failed" in str(w.message) for w in record) == 1
     assert not cpu_int8.compile_enabled()
     assert not any(m._compiled_call_impl is not None or getattr(m, "traced_int8", False)
-                   or getattr(m, "run_eagerly", False) for m in dep.modules())
+                   or getattr(m, "packed_handle", None) is not None for m in dep.modules())
     assert torch.equal(out, per_layer)
 
 

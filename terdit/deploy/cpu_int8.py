@@ -20,8 +20,9 @@ Two PackedLinear policies use it (`register_kernel(fmt, "cpu", ..., policy)`):
   (`terdit.deploy.packed_linear.layer_policy`).
 - "int8-packed": the weight stays packed (2 or 1.6 bits per weight); each call unpacks it into the model's
   shared int8 scratch (one 4-byte gather per 4 codes for "2bit", ~10% of the int8 matmul; in blocks of
-  output rows, `packed_mm`) and multiplies with `torch._int_mm` (prepacking per call would cost another pass;
-  `_int_mm` took the same time as oneDNN's at 1 thread, but scaled worse to 2 threads on a loaded VM).
+  output rows, `packed_acc`) and multiplies with `torch._int_mm` (prepacking per call would cost another pass;
+  `_int_mm` took the same time as oneDNN's at 1 thread, but scaled worse to 2 threads on a loaded VM); inside a
+  compiled block the unpack-and-multiply is the custom op `terdit::packed_int8_mm`.
 
 A call the path does not take (autograd recording with an input that needs grad, a dtype other than
 fp32 / bf16 / fp16, a CPU without int8 dot products, TERDIT_NO_KERNELS=1) returns None and the layer runs
@@ -30,7 +31,9 @@ blocks keep their forward): layers called one after the other on the same input 
 it once (`SharedTokens`), and the SwiGLU product reaching w2 is the model's own, in the compute dtype. The
 quantization and the matmul with its output scaling run through torch.compile (Inductor fuses each into a
 loop or two around the int8 matmul; eager PyTorch spent ~80% on top of the matmuls in separate passes), compiled
-once per shape on first use; TERDIT_CPU_COMPILE=0, or a failed compile, runs the same functions eagerly.
+once per shape on first use; TERDIT_CPU_COMPILE=0, or a failed compile, runs the same functions eagerly. That is
+the per-layer path; a deployed TerDiT compiles whole blocks instead (`packed_linear.compile_int8_`, through
+`traced_kernel`), where Inductor fuses what lies between the layers too.
 """
 
 from __future__ import annotations
@@ -159,14 +162,19 @@ def _mm(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tens
         dtype: torch.dtype) -> torch.Tensor:
     """(q @ codes.T) * alpha / scale (+ bias) in `dtype`: accumulated exactly in int32, scaled in fp32. `w`: int8
     codes (torch._int_mm, q int8) or a `prepack` handle (oneDNN, q uint8). Where the matmul writes `dtype`
-    (`onednn_out_dtype`; `_int_mm`'s scaling) the output is rounded after it and again after the token scale
-    and the bias, so that no fp32 buffer of the output's size is made; otherwise once, at the end."""
+    (`onednn_out_dtype`) the output is rounded after it and again after the token scale and the bias, so that no
+    fp32 buffer of the output's size is made; otherwise once, at the end."""
     if w.dtype == torch.int64:
         y = torch.ops.terdit.qlinear_u8(q, w, alpha, onednn_out_dtype(dtype)).div_(scale)
-    else:
-        acc = torch._int_mm(q, w.t())
-        y = torch.mul(acc, alpha.float() / scale, out=torch.empty(acc.shape, dtype=dtype))
-    return (y if bias is None else y.add_(bias)).to(dtype)  # in place: eagerly, one output buffer
+        return (y if bias is None else y.add_(bias)).to(dtype)  # in place: eagerly, one output buffer
+    return _scaled(torch._int_mm(q, w.t()), scale, alpha, bias, dtype)
+
+
+def _scaled(acc: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
+            dtype: torch.dtype) -> torch.Tensor:
+    """The int32 accumulator times alpha / scale (+ bias), written in `dtype` (no fp32 copy of the output)."""
+    y = torch.mul(acc, alpha.float() / scale, out=torch.empty(acc.shape, dtype=dtype))
+    return (y if bias is None else y.add_(bias)).to(dtype)
 
 
 # The integer path's two units, as pure functions of tensors so that torch.compile can fuse each one's
@@ -180,6 +188,12 @@ def mm_fn(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Te
           dtype: torch.dtype) -> torch.Tensor:
     """Quantized tokens times the codes, scaled (+ bias), in the compute `dtype`."""
     return _mm(q, scale, w, alpha, bias, dtype)
+
+
+def scale_fn(acc: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
+             dtype: torch.dtype) -> torch.Tensor:
+    """An int32 product of "int8-packed" (`packed_acc`) scaled (+ bias), in the compute `dtype`."""
+    return _scaled(acc, scale, alpha, bias, dtype)
 
 
 class SharedTokens:
@@ -241,22 +255,30 @@ def compile_failed(e: Exception) -> None:
 
 
 def traced_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The integer path as plain tensor code, for a layer traced inside its compiled parent
-    (`terdit.deploy.packed_linear.compile_int8_`, which checked the CPU and settings); None where this call is
-    not for it (policy, device, dtype, autograd, weights not prepared), and the layer's usual path runs."""
-    prepacked = layer._prepacked
-    w = prepacked[1] if prepacked is not None else layer._cached
+    """The integer path as plain tensor code, for a layer traced inside its compiled block
+    (`terdit.deploy.packed_linear.compile_int8_`, which checked the CPU and settings): "int8" multiplies with
+    its prepacked weight, "int8-packed" through `packed_int8_mm`. None where this call is not for it (policy,
+    device, dtype, autograd, weights or handle not prepared), and the layer's usual path runs."""
+    if layer.policy == "int8":
+        prepacked = layer._prepacked
+        w = prepacked[1] if prepacked is not None else layer._cached
+    else:
+        w = layer.packed_handle if layer.policy == "int8-packed" else None
     if (
-        layer.policy != "int8"
-        or w is None
+        w is None
         or w.dtype not in (torch.int64, torch.int8)
         or x.device.type != "cpu"
         or x.dtype not in FLOAT_DTYPES
         or (torch.is_grad_enabled() and x.requires_grad)
     ):
         return None
-    q, scale = _quant(x.reshape(-1, layer.in_features), w.dtype == torch.int64)
-    y = _mm(q, scale, w, layer.alphas, layer.bias, x.dtype)
+    x2 = x.reshape(-1, layer.in_features)
+    if layer.policy == "int8-packed":
+        q, scale = _quant(x2)
+        y = _scaled(torch.ops.terdit.packed_int8_mm(q, w), scale, layer.alphas, layer.bias, x.dtype)
+    else:
+        q, scale = _quant(x2, w.dtype == torch.int64)
+        y = _mm(q, scale, w, layer.alphas, layer.bias, x.dtype)
     return y.view(*x.shape[:-1], layer.out_features)
 
 
@@ -323,13 +345,12 @@ FEW_ROWS = 64
 FEW_ROWS_BLOCK_BYTES = 2**20
 
 
-def packed_mm(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """"int8-packed": the layer's output for int8 tokens (q [rows, K], scale), unpacking its codes block by block
-    of output rows into the shared scratch (int8 codes are half the bf16 weight the memory policy unpacks; the
-    scratch is reused call after call: no fresh pages to fault in). Few rows in several blocks: each block
-    multiplies eagerly, where compiling has nothing to fuse. In an FFN run on chunks of tokens (`hold_offset`,
-    set by `packed_linear.chunk_ffn_`) a whole layer's codes stay at their own place in the scratch, unpacked
-    once for all chunks."""
+def packed_acc(layer: nn.Module, q: torch.Tensor) -> torch.Tensor:
+    """"int8-packed": int8 tokens q [rows, K] times the layer's codes, int32 [rows, out], unpacking the codes
+    block by block of output rows into the shared scratch (int8 codes are half the bf16 weight the memory policy
+    unpacks; the scratch is reused call after call: no fresh pages to fault in). In an FFN run on chunks of
+    tokens (`hold_offset`, set by `packed_linear.chunk_ffn_`) a whole layer's codes stay at their own place in
+    the scratch, unpacked once for all chunks."""
     rows, n = q.shape[0], layer.out_features
     block = layer._row_block(torch.int8, FEW_ROWS_BLOCK_BYTES if rows <= FEW_ROWS else None)
     device = layer.packed.device
@@ -339,21 +360,48 @@ def packed_mm(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: tor
         flat = layer.scratch.held(layer, (packed.data_ptr(), packed._version), layer.hold_offset,
                                   layer.unpacked_numel, torch.int8, device,
                                   lambda out: unpack_codes_into(packed, layer.fmt, out, index))
-        return run(mm_fn, q, scale, flat.view(n, -1)[:, : layer.in_features], layer.alphas, layer.bias, dtype)
+        return torch._int_mm(q, flat.view(n, -1)[:, : layer.in_features].t())
     buf = layer.scratch.get(block * layer.packed.shape[1] * DIGITS[layer.fmt], torch.int8, device)
 
     def codes(r0: int, r1: int) -> torch.Tensor:
         return unpack_codes_into(layer.packed[r0:r1], layer.fmt, buf, index)[:, : layer.in_features]
 
     if block == n:
-        return run(mm_fn, q, scale, codes(0, n), layer.alphas, layer.bias, dtype)
-    y = q.new_empty(rows, n, dtype=dtype)
+        return torch._int_mm(q, codes(0, n).t())
+    acc = q.new_empty(rows, n, dtype=torch.int32)
     for r0 in range(0, n, block):
         r1 = min(n, r0 + block)
-        bias = None if layer.bias is None else layer.bias[r0:r1]
-        args = (q, scale, codes(r0, r1), layer.alphas, bias, dtype)
-        y[:, r0:r1] = mm_fn(*args) if rows <= FEW_ROWS else run(mm_fn, *args)
-    return y
+        acc[:, r0:r1] = torch._int_mm(q, codes(r0, r1).t())
+    return acc
+
+
+_PACKED_LAYERS: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
+
+
+def packed_handle(layer: nn.Module) -> torch.Tensor:
+    """An int64 tensor of shape [out] (stride 0) naming the "int8-packed" `layer` for `packed_int8_mm`, so a
+    compiled block calls its unpack-and-multiply as one opaque op (`compile_int8_`); the layer keeps it."""
+    key = next(_next_handle)
+    _PACKED_LAYERS[key] = layer
+    return torch.tensor([key]).expand(layer.out_features)
+
+
+@torch.library.custom_op("terdit::packed_int8_mm", mutates_args=())
+def packed_int8_mm(q: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    """`packed_acc` of the layer `handle` names: inside a compiled block Inductor calls it as an external kernel
+    (as it does `_int_mm`), with the quantization before it and the scaling after it fused into the block's
+    own loops, and the unpacking keeps using the model's scratch (traced, it would get fresh buffers)."""
+    return packed_acc(_PACKED_LAYERS[int(handle[0])], q)
+
+
+@packed_int8_mm.register_fake
+def _(q: torch.Tensor, handle: torch.Tensor) -> torch.Tensor:
+    return q.new_empty(q.shape[0], handle.shape[0], dtype=torch.int32)
+
+
+def packed_mm(layer: nn.Module, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """"int8-packed" per layer: `packed_acc`, scaled (+ bias) in `dtype`."""
+    return run(scale_fn, packed_acc(layer, q), scale, layer.alphas, layer.bias, dtype)
 
 
 def int8_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -396,8 +444,12 @@ __all__ = [
     "run",
     "traced_kernel",
     "mm_fn",
+    "packed_acc",
+    "packed_handle",
+    "packed_int8_mm",
     "packed_mm",
     "onednn_out_dtype",
     "quant_fn",
+    "scale_fn",
     "unpack_codes_into",
 ]

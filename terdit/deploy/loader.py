@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from terdit.defaults import parse_dtype
+from terdit.deploy.cpu_int8 import INT8_POLICIES
 from terdit.deploy.format import WEIGHTS_FILE, DeployInfo, read_config
 from terdit.deploy.packed_linear import (
     POLICIES,
-    UNPACK_PER_CALL,
     PackedLinear,
     chunk_ffn_,
     compile_int8_,
@@ -211,10 +211,10 @@ def load_deployed(
     if policy in ("speed", "int8"):
         warm_cache(model, dt)
         release_free_heap()  # the unpacking's temporaries
-        if policy == "int8":
-            compile_int8_(model)  # each block compiles on first call, around its int8 layers
     else:
         reserve_scratch(model, dt)
+    if policy in INT8_POLICIES:
+        compile_int8_(model)  # each block compiles on first call, around its int8 layers
     return model
 
 
@@ -272,8 +272,15 @@ def _free_heap_bytes() -> Callable[[], int] | None:
 # Trim after a block only when glibc holds more than this free (its own top-of-heap threshold is up to
 # 64 MiB): small models then never pay for re-faulting pages, large ones stay near their live memory.
 TRIM_FREE_BYTES = 64 * 2**20
+# The policies whose blocks trim: "memory" only. Its unpacked weights come and go with every call; "int8-packed"
+# unpacks into the reused scratch, and trimming after its blocks re-faulted the freed activations in the next:
+# 600M, batch 4, 2 threads, compiled blocks, 6 alternating rounds in one process: 419 k faults and 1.13 s of
+# kernel time a step against 123 k and 0.38 s, the step 1.22x slower (median; 0.97-1.46x), for a peak 20-24 MiB
+# lower (797-800 vs 819-823 MiB, one process each). `int8` was measured so before (terdit/deploy/README.md).
+TRIM_POLICIES: tuple[str, ...] = ("memory",)
 
 
+@torch.compiler.disable  # a block compiled by compile_int8_ calls it after its graph, eagerly (ctypes)
 def _trim_heap_after_block(block: nn.Module, args: tuple, output: torch.Tensor) -> None:
     """Memory policy on CPU: hand the block's freed activations back to the OS before the next block.
 
@@ -282,7 +289,7 @@ def _trim_heap_after_block(block: nn.Module, args: tuple, output: torch.Tensor) 
     run). Re-faulting the pages in the next block costs about 1-3% of a step.
     """
     wq = next((m for m in block.modules() if isinstance(m, PackedLinear)), None)
-    if output.device.type != "cpu" or wq is None or wq.policy not in UNPACK_PER_CALL:
+    if output.device.type != "cpu" or wq is None or wq.policy not in TRIM_POLICIES:
         return
     free = _free_heap_bytes()
     if free is None or free() > TRIM_FREE_BYTES:

@@ -27,7 +27,6 @@ memory policy unpacks into a fresh tensor instead of the shared scratch (autogra
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -51,9 +50,6 @@ SCRATCH_LIMIT_BYTES = 16 * 2**20
 # On CPU a TerDiT block's FFN runs on chunks of tokens whose fp32 hidden activation (rows x ffn_hidden) stays
 # under this (`chunk_ffn_`): at 600M, batch 4 with guidance, the step's peak fell by ~45 MiB, FP bf16 and int8.
 FFN_CHUNK_BYTES = 8 * 2**20
-# Policies that unpack their weights on every call: each block leaves unpacked buffers in the heap (the loader's
-# trim after a block).
-UNPACK_PER_CALL: tuple[str, ...] = ("memory", "int8-packed")
 # "int8-packed" FFNs run on chunks too when their layers' int8 codes fit side by side in this much of the
 # scratch (600M: 3 x 6 MiB; 4.2B's 3 x 24 MiB do not): each layer then unpacks once per FFN call, not per chunk.
 HELD_FFN_BYTES = 32 * 2**20
@@ -140,9 +136,10 @@ class PackedLinear(nn.Module):
         self.hold_offset: int | None = None
         self._cached: torch.Tensor | None = None
         self._prepacked: tuple[torch.Tensor, torch.Tensor] | None = None  # int8 policy: oneDNN weight, handle
-        # set by `compile_int8_`, inside its compiled block: the traceable integer path (traced_int8), or a graph
-        # break and this layer's own eager path (run_eagerly: adaLN's packed layers)
-        self.traced_int8 = self.run_eagerly = False
+        # set by `compile_int8_`: inside its compiled block the layer's integer path is traced (traced_int8;
+        # "int8-packed" multiplies through the op that `packed_handle` names, `cpu_int8.packed_int8_mm`)
+        self.traced_int8 = False
+        self.packed_handle: torch.Tensor | None = None
         # "int8" policy: `packed` is a placeholder of its shape (1 byte of storage) while the prepacked weight
         # holds the codes (`release_packed`); what reads its bytes calls `restore_packed` first
         self.packed_released = False
@@ -278,8 +275,6 @@ class PackedLinear(nn.Module):
             y = cpu_int8.traced_kernel(self, x)
             if y is not None:
                 return y
-        if self.run_eagerly and torch.compiler.is_compiling():
-            return _outside_graph(self, x)
         kernel = find_kernel(self.fmt, x, self.policy)
         if kernel is not None:
             y = kernel(self, x)
@@ -459,10 +454,11 @@ def chunk_ffn_(model: nn.Module) -> None:
 
 
 def compile_int8_(model: nn.Module) -> int:
-    """"int8" policy on CPU: torch.compile, in place, each unit of `compile_units` (TerDiT: each transformer
-    block) holding "int8" layers, with those layers' integer path traced into its graph; returns how many.
-    Packed layers of another policy inside a unit (adaLN's "int8-packed", see `layer_policy`) break the graph
-    and run their own eager path.
+    """The int8 policies on CPU: torch.compile, in place, each unit of `compile_units` (TerDiT: each transformer
+    block) holding "int8" or "int8-packed" layers, with those layers' integer path traced into its graph; returns
+    how many. "int8" multiplies with its prepacked weight (`cpu_int8.qlinear_u8`), "int8-packed" (and adaLN's
+    layers of an "int8" model, see `layer_policy`) through `cpu_int8.packed_int8_mm`, which unpacks into the
+    shared scratch inside one opaque op. A unit holding a packed layer of another policy stays eager.
 
     The per-layer kernel runs each layer's quantize / int8 matmul as its own compiled unit, so the model's own
     code between layers runs eagerly and layers on one input share its tokens only through `SharedTokens`.
@@ -471,20 +467,21 @@ def compile_int8_(model: nn.Module) -> int:
     RoPE, gates and residuals: fewer passes, and fewer step-sized temporaries for the allocator to fragment
     (measured: terdit/deploy/README.md). Compiling attention and FFN alone had already made them 5-8% faster
     than the earlier fused units of packed block subclasses (600M, 1 thread), a step 1.30x faster than bf16
-    instead of 1.05-1.14x; whole blocks' speed is not measured on a CPU with int8 dot products. "int8-packed"
-    stays per layer: compiled, its per-call unpack allocated fresh buffers where the per-layer path reuses the
-    scratch, and a whole step was no faster. Blocks of one class share one compiled graph. Nothing happens
+    instead of 1.05-1.14x; whole blocks' speed is not measured on a CPU with int8 dot products. (Traced as plain
+    tensor code, "int8-packed"'s unpacking got fresh buffers where the per-layer path reuses the scratch, and a
+    whole step was no faster: hence the opaque op.) Blocks of one class share one compiled graph. Nothing happens
     where the per-layer integer path is off (no int8 dot products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0);
     call after `warm_cache` (the prepacked weights must exist; a layer without them takes the per-layer path).
     A compile failure switches back to eager for the process, as the per-layer units do.
     """
-    if not (cpu_int8.compile_enabled() and cpu_int8.has_int8_dot() and os.environ.get("TERDIT_NO_KERNELS") != "1"):
+    if not (cpu_int8.compile_enabled() and cpu_int8.integer_path_on()):
         return 0
 
     def int8_layer(m: nn.Module) -> bool:
-        return isinstance(m, PackedLinear) and m.policy == "int8" and m.packed.device.type == "cpu"
+        return isinstance(m, PackedLinear) and m.policy in cpu_int8.INT8_POLICIES and m.packed.device.type == "cpu"
 
-    units = compile_units(model, int8_layer)
+    units = [u for u in compile_units(model, int8_layer)
+             if all(int8_layer(m) for m in u.modules() if isinstance(m, PackedLinear))]
 
     def failed(e: Exception) -> None:  # the units, their layers' traced path and the integer path go eager
         cpu_int8.compile_failed(e)
@@ -494,24 +491,20 @@ def compile_int8_(model: nn.Module) -> int:
     for unit in units:
         for layer in unit.modules():
             if isinstance(layer, PackedLinear):
-                layer.traced_int8, layer.run_eagerly = int8_layer(layer), not int8_layer(layer)
+                layer.traced_int8 = True
+                if layer.policy == "int8-packed":
+                    layer.packed_handle = cpu_int8.packed_handle(layer)
         call = compile_with_fallback(unit, failed, dynamic=False)
         call.terdit_int8 = True  # type: ignore[attr-defined]
     return len(units)
-
-
-@torch.compiler.disable
-def _outside_graph(layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-    """A packed layer called from a compiled graph that should not be traced: the graph breaks here and the
-    layer runs eagerly, with its usual kernel."""
-    return layer(x)
 
 
 def _uncompile(unit: nn.Module) -> None:
     unit._compiled_call_impl = None
     for layer in unit.modules():
         if isinstance(layer, PackedLinear):
-            layer.traced_int8 = layer.run_eagerly = False
+            layer.traced_int8 = False
+            layer.packed_handle = None
 
 
 def uncompile_int8_(model: nn.Module) -> None:
