@@ -162,8 +162,9 @@ def _mm(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tens
         dtype: torch.dtype) -> torch.Tensor:
     """(q @ codes.T) * alpha / scale (+ bias) in `dtype`: accumulated exactly in int32, scaled in fp32. `w`: int8
     codes (torch._int_mm, q int8) or a `prepack` handle (oneDNN, q uint8). Where the matmul writes `dtype`
-    (`onednn_out_dtype`) the output is rounded after it and again after the token scale and the bias, so that no
-    fp32 buffer of the output's size is made; otherwise once, at the end."""
+    (`onednn_out_dtype`) or the scaling does (`_scaled`, after `_int_mm`), the output is rounded there and again
+    after the token scale or the bias, so that no fp32 buffer of the output's size is made; otherwise once, at
+    the end."""
     if w.dtype == torch.int64:
         y = torch.ops.terdit.qlinear_u8(q, w, alpha, onednn_out_dtype(dtype)).div_(scale)
         return (y if bias is None else y.add_(bias)).to(dtype)  # in place: eagerly, one output buffer
