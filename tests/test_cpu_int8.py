@@ -559,15 +559,16 @@ def test_compile_units_are_the_repeated_blocks_else_the_linear_parents():
     torch.testing.assert_close(run(model), eager, rtol=1e-4, atol=1e-4 * float(eager.abs().max()))
 
 
-def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, failing_compile):
-    """A compiled parent whose compile fails (a backend error, as with no C++ compiler): one warning, the
+@pytest.mark.parametrize("policy", cpu_int8.INT8_POLICIES)
+def test_compile_failure_runs_the_int8_model_eagerly(tmp_path, monkeypatch, failing_compile, policy):
+    """A compiled block whose compile fails (a backend error, as with no C++ compiler): one warning, the
     process's integer path goes eager, and the step equals the eager per-layer one."""
     model = random_micro(seed=5)
     export_model(model, tmp_path / "dep", "2bit")
     run = guided_step(model.config)
-    per_layer = run(load_deployed(tmp_path / "dep", policy="int8"))  # TERDIT_CPU_COMPILE=0, before any compile
+    per_layer = run(load_deployed(tmp_path / "dep", policy=policy))  # TERDIT_CPU_COMPILE=0, before any compile
     monkeypatch.setenv("TERDIT_CPU_COMPILE", "1")
-    dep = load_deployed(tmp_path / "dep", policy="int8")
+    dep = load_deployed(tmp_path / "dep", policy=policy)
     assert any(getattr(m._compiled_call_impl, "terdit_int8", False) for m in dep.modules())
     with pytest.warns(UserWarning, match="torch.compile failed") as record:
         out = run(dep)
