@@ -94,3 +94,28 @@ def test_exported_deploy_dir_samples_the_same_images(run_dir, tmp_path, fmt):
     assert main(["sample", "--run", str(deploy), *common, "--out", str(b)]) == 0
     with np.load(a) as x, np.load(b) as y:
         assert np.array_equal(x["arr_0"], y["arr_0"])
+
+
+@pytest.mark.parametrize("policy", ["int8", "int8-packed"])
+def test_sample_policy_runs_the_cpu_integer_path(run_dir, tmp_path, monkeypatch, policy):
+    """`terdit sample --policy int8 | int8-packed` on a deploy folder takes the integer path for its layers
+    (forced on here, eagerly) and draws what the exact path draws, up to pixels that the activations' 8-bit
+    rounding moves (same seed and noise)."""
+    from terdit.deploy import cpu_int8
+
+    deploy = tmp_path / "dep"
+    assert main(["export", str(run_dir), "--format", "2bit", "--out", str(deploy)]) == 0
+    monkeypatch.setenv("TERDIT_CPU_INT8", "1")
+    monkeypatch.setenv("TERDIT_CPU_COMPILE", "0")
+    taken: list[bool] = []
+    accepts = cpu_int8.accepts
+    monkeypatch.setattr(cpu_int8, "accepts", lambda layer, x: taken.append(accepts(layer, x)) or taken[-1])
+    common = ["--classes", "3", "1", "4", "--num-per-class", "4", "--steps", "5", "--seed", "3"]
+    exact, integer = tmp_path / "exact.npz", tmp_path / "integer.npz"
+    assert main(["sample", "--run", str(deploy), *common, "--out", str(exact)]) == 0  # --policy memory
+    assert taken == []
+    assert main(["sample", "--run", str(deploy), *common, "--policy", policy, "--out", str(integer)]) == 0
+    assert taken and all(taken)
+    with np.load(exact) as a, np.load(integer) as b:
+        diff = np.abs(a["arr_0"].astype(int) - b["arr_0"].astype(int))
+    assert (diff > 0).mean() < 0.05 and diff.mean() < 1.0, ((diff > 0).mean(), diff.mean())
