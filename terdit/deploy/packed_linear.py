@@ -235,7 +235,7 @@ class PackedLinear(nn.Module):
 
     def _row_block(self, dtype: torch.dtype, limit: int | None = None) -> int:
         """Output rows unpacked at once into the scratch, as `dtype` (all of them unless over `limit` bytes, by
-        default scratch_limit): the memory policy's blocks, and "int8-packed"'s (`cpu_int8.packed_mm`)."""
+        default scratch_limit): the memory policy's blocks, and "int8-packed"'s (`cpu_int8.packed_acc`)."""
         row_bytes = self.packed.shape[1] * DIGITS[self.fmt] * dtype.itemsize
         return max(1, min(self.out_features, (self.scratch_limit if limit is None else limit) // row_bytes))
 
