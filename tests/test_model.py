@@ -112,6 +112,22 @@ def test_rope_matches_complex_rotation_of_adjacent_pairs():
     torch.testing.assert_close(compiled(x.bfloat16()), rope(x.bfloat16()), rtol=2**-8, atol=1e-6)  # 1 ulp
 
 
+def test_rope_rotation_of_the_models_own_tokens_is_cached_when_built():
+    """Built (even on the meta device, as the deploy loader builds), a model holds the rotation for its own
+    number of tokens on CPU, so torch.compile never sees the cache filled between two blocks."""
+    cfg = get_config("TerDiT-Micro")
+    with torch.device("meta"):
+        model = TerDiT(cfg)
+    n = (cfg.input_size // cfg.patch_size) ** 2
+    rope = model.layers[0].attention.rope
+    assert all(block.attention.rope is rope for block in model.layers)
+    assert list(rope._cache) == [(n, torch.device("cpu"))]
+    freqs = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2).double() / cfg.head_dim)
+    angles = torch.outer(torch.arange(n).double(), freqs)
+    ref = torch.stack((angles.cos(), angles.sin()), -1)
+    torch.testing.assert_close(rope._cache[(n, torch.device("cpu"))].double(), ref, rtol=0, atol=1e-6)
+
+
 def test_patchify_order_and_roundtrip():
     model = TerDiT(get_config("TerDiT-Micro", learn_sigma=False))
     x = torch.randn(2, 4, 8, 8)

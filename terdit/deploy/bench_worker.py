@@ -150,9 +150,8 @@ def measure_times(
 
     Interleaving makes the comparison fair on a shared machine: a burst of background load hits every
     variant of a round alike. The order rotates from round to round so that no variant always runs right
-    after the same neighbour. The first two rounds are a warm-up: compiled modules compile on the first call
-    and recompile once on the second (the first fills RoPE's cache, which Dynamo guards on). Ratios are
-    medians of per-round ratios to variant 0.
+    after the same neighbour. The first two rounds are a warm-up (compiled blocks compile on the first call).
+    Ratios are medians of per-round ratios to variant 0.
     `dtype`: one for all variants or one per variant (e.g. full precision in fp32 and in bf16 side by side).
     """
     from terdit.defaults import parse_dtype

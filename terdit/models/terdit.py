@@ -101,21 +101,27 @@ class RotaryEmbedding(nn.Module):
     Eagerly as a complex multiplication (like the public code): one output tensor and no temporaries. Inside
     torch.compile the same product in real arithmetic, which Inductor fuses into one pass (it has no complex
     kernels and would run the complex ops one by one, each with an fp32 buffer of the input's size).
+    The rotation of the model's own `num_tokens` on CPU is cached at construction: torch.compile guards on the
+    cache, so a block that filled it would make the next one compile a second graph (the first 600M int8 step
+    on CPU, cold compile cache: 28 s, against 16.7 s with the rotation cached).
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0) -> None:
+    def __init__(self, head_dim: int, theta: float = 10000.0, num_tokens: int | None = None) -> None:
         super().__init__()
         self.head_dim = head_dim
         self.theta = theta
         self._cache: dict[tuple[int, torch.device], torch.Tensor] = {}
+        if num_tokens:
+            self.rotation(num_tokens, torch.device("cpu"))
 
     def rotation(self, n: int, device: torch.device) -> torch.Tensor:
         """(n, head_dim / 2, 2) float32: cos and sin of position * theta^(-2j / head_dim), i.e.
         exp(i * angle) as real pairs (a complex view of it is free; a complex tensor would not compile)."""
         key = (n, device)
-        if key not in self._cache:
-            inv = 1.0 / self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim)
-            angles = torch.outer(torch.arange(n, dtype=torch.float32), inv)
+        if key not in self._cache:  # on CPU whatever the default device (a model built on the meta device)
+            steps = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device="cpu")
+            inv = 1.0 / self.theta ** (steps / self.head_dim)
+            angles = torch.outer(torch.arange(n, dtype=torch.float32, device="cpu"), inv)
             # torch.polar as the public code (its cos / sin differ from torch.cos / sin by an ulp here and there)
             self._cache[key] = torch.view_as_real(torch.polar(torch.ones_like(angles), angles)).to(device)
         return self._cache[key]
@@ -324,7 +330,7 @@ class TerDiT(ModelMixin, ConfigMixin):
         self.x_embedder = nn.Linear(cfg.patch_size**2 * cfg.in_channels, cfg.dim)
         self.t_embedder = TimestepEmbedder(cfg.cond_dim)
         self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.cond_dim, cfg.class_dropout_prob)
-        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        rope = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, (cfg.input_size // cfg.patch_size) ** 2)
         self.layers = nn.ModuleList(TransformerBlock(cfg, rope) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim, cfg.cond_dim, cfg.patch_size, cfg.out_channels)
         if not _building_on_meta():  # meta tensors have no values to initialise (see LabelEmbedder)
