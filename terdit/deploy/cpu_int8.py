@@ -162,20 +162,13 @@ def _mm(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Tens
         dtype: torch.dtype) -> torch.Tensor:
     """(q @ codes.T) * alpha / scale (+ bias) in `dtype`: accumulated exactly in int32, scaled in fp32. `w`: int8
     codes (torch._int_mm, q int8) or a `prepack` handle (oneDNN, q uint8). Where the matmul writes `dtype`
-    (`onednn_out_dtype`) or the scaling does (`_scaled`, after `_int_mm`), the output is rounded there and again
+    (`onednn_out_dtype`) or the scaling does (`scale_fn`, after `_int_mm`), the output is rounded there and again
     after the token scale or the bias, so that no fp32 buffer of the output's size is made; otherwise once, at
     the end."""
     if w.dtype == torch.int64:
         y = torch.ops.terdit.qlinear_u8(q, w, alpha, onednn_out_dtype(dtype)).div_(scale)
         return (y if bias is None else y.add_(bias)).to(dtype)  # in place: eagerly, one output buffer
-    return _scaled(torch._int_mm(q, w.t()), scale, alpha, bias, dtype)
-
-
-def _scaled(acc: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
-            dtype: torch.dtype) -> torch.Tensor:
-    """The int32 accumulator times alpha / scale (+ bias), written in `dtype` (no fp32 copy of the output)."""
-    y = torch.mul(acc, alpha.float() / scale, out=torch.empty(acc.shape, dtype=dtype))
-    return (y if bias is None else y.add_(bias)).to(dtype)
+    return scale_fn(torch._int_mm(q, w.t()), scale, alpha, bias, dtype)
 
 
 # The integer path's two units, as pure functions of tensors so that torch.compile can fuse each one's
@@ -193,8 +186,10 @@ def mm_fn(q: torch.Tensor, scale: torch.Tensor, w: torch.Tensor, alpha: torch.Te
 
 def scale_fn(acc: torch.Tensor, scale: torch.Tensor, alpha: torch.Tensor, bias: torch.Tensor | None,
              dtype: torch.dtype) -> torch.Tensor:
-    """An int32 product of "int8-packed" (`packed_acc`) scaled (+ bias), in the compute `dtype`."""
-    return _scaled(acc, scale, alpha, bias, dtype)
+    """An int32 product (`_int_mm`; "int8-packed"'s `packed_acc`) times alpha / scale (+ bias), written in the
+    compute `dtype` (no fp32 copy of the output)."""
+    y = torch.mul(acc, alpha.float() / scale, out=torch.empty(acc.shape, dtype=dtype))
+    return (y if bias is None else y.add_(bias)).to(dtype)
 
 
 class SharedTokens:
@@ -276,7 +271,7 @@ def traced_kernel(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     x2 = x.reshape(-1, layer.in_features)
     if layer.policy == "int8-packed":
         q, scale = _quant(x2)
-        y = _scaled(torch.ops.terdit.packed_int8_mm(q, w), scale, layer.alphas, layer.bias, x.dtype)
+        y = scale_fn(torch.ops.terdit.packed_int8_mm(q, w), scale, layer.alphas, layer.bias, x.dtype)
     else:
         q, scale = _quant(x2, w.dtype == torch.int64)
         y = _mm(q, scale, w, layer.alphas, layer.bias, x.dtype)
