@@ -696,3 +696,42 @@ def test_large_int8_packed_ffn_runs_whole(monkeypatch, tmp_path):
     set_policy(dep, "int8-packed")
     assert {b.ffn_chunk_rows for b in dep.layers} == {None}
     assert all(m.hold_offset is None for m in dep.modules() if isinstance(m, PackedLinear))
+
+
+def test_cpu_int8_benchmark_judges_speed_and_memory_apart():
+    """benchmarks/cpu_int8.py: each target's speed and memory verdicts are separate, memory against the
+    smaller FP bf16 peak (eager or compiled) both as whole processes and above the runtime, and a run without
+    peak processes says "not measured" instead of "NOT met". Ratios checked against hand-computed ones."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_int8.py"
+    spec = importlib.util.spec_from_file_location("cpu_int8_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def speed(median: float) -> dict:
+        return {"median": median, "min": median, "max": median}
+
+    row = {"threads": 2, "batch": 1,
+           "speedup_vs_fp-bf16": {"int8": speed(1.6), "int8-packed": speed(1.1)},
+           "speedup_vs_fp-bf16-compiled": {"int8": speed(1.45), "int8-packed": speed(0.9)}}
+    mem = [("fp-bf16", 1600.0), ("fp-bf16-compiled", 1650.0), ("int8", 1000.0), ("int8-packed", 700.0)]
+    out = {"times": [row], "memory": [{"variant": v, "batch": 1, "peak_mb": p, "rss_runtime_mb": 400.0}
+                                      for v, p in mem]}
+    t = bench.targets(out)
+    int8, packed = t["int8 threads=2 batch=1"], t["int8-packed threads=2 batch=1"]
+    assert int8["speedup"] == 1.45 and int8["speed_met"]  # the faster FP bf16 (compiled) is the baseline
+    assert int8["peak_ratio"] == pytest.approx(1000 / 1600) and int8["peak_met"] is False
+    assert int8["peak_ratio_above_runtime"] == pytest.approx(600 / 1200) and int8["peak_met_above_runtime"]
+    assert int8["met"] is False
+    assert packed["speedup"] == 0.9 and not packed["speed_met"]
+    assert packed["peak_ratio_above_runtime"] == pytest.approx(300 / 1200) and packed["peak_met_above_runtime"]
+    line = bench.verdict("int8 threads=2 batch=1", int8)
+    assert "x1.45" in line and "(>= 1.4) MET" in line
+    assert "x0.625 whole process NOT met" in line and "x0.500 above the runtime MET" in line
+
+    no_peaks = bench.targets({"times": [row], "memory": []})["int8 threads=2 batch=1"]
+    assert no_peaks["speed_met"] and no_peaks["peak_met"] is None and no_peaks["met"] is False
+    line = bench.verdict("int8 threads=2 batch=1", no_peaks)
+    assert line.endswith("not measured") and "NOT met" not in line
