@@ -55,6 +55,7 @@ VARIANTS = {
     "speed-bf16": ("ternary", "speed", "bf16"),
 }
 TARGETS = {"int8": (1.4, 0.55), "int8-packed": (1.0, 0.35)}  # (speed-up vs fp-bf16 >=, peak vs fp-bf16 <=)
+TARGET_CONFIG = "TerDiT-600M"  # the config the targets are set for (a small model is all compile and runtime)
 BF16_BASES = ("fp-bf16", "fp-bf16-compiled")  # a target is judged against the faster / smaller of those measured
 BASES = (*BF16_BASES, "fp32")
 
@@ -183,7 +184,10 @@ def peak_ratios(out: dict) -> dict[tuple[str, int], tuple[float | None, float | 
 
 def targets(out: dict) -> dict:
     """The issue's targets, per measured (threads, batch): speed-up (median) and peak memory ratio against full
-    precision in bf16, eager or compiled, whichever is faster (speed) or smaller (memory): the strictest."""
+    precision in bf16, eager or compiled, whichever is faster (speed) or smaller (memory): the strictest.
+    Empty for any config but TARGET_CONFIG."""
+    if out.get("config") != TARGET_CONFIG:
+        return {}
     ratios = peak_ratios(out)
     res = {}
     for row in out["times"]:

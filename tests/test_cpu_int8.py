@@ -717,8 +717,8 @@ def test_cpu_int8_benchmark_judges_speed_and_memory_apart():
            "speedup_vs_fp-bf16": {"int8": speed(1.6), "int8-packed": speed(1.1)},
            "speedup_vs_fp-bf16-compiled": {"int8": speed(1.45), "int8-packed": speed(0.9)}}
     mem = [("fp-bf16", 1600.0), ("fp-bf16-compiled", 1650.0), ("int8", 1000.0), ("int8-packed", 700.0)]
-    out = {"times": [row], "memory": [{"variant": v, "batch": 1, "peak_mb": p, "rss_runtime_mb": 400.0}
-                                      for v, p in mem]}
+    out = {"config": "TerDiT-600M", "times": [row],
+           "memory": [{"variant": v, "batch": 1, "peak_mb": p, "rss_runtime_mb": 400.0} for v, p in mem]}
     t = bench.targets(out)
     int8, packed = t["int8 threads=2 batch=1"], t["int8-packed threads=2 batch=1"]
     assert int8["speedup"] == 1.45 and int8["speed_met"]  # the faster FP bf16 (compiled) is the baseline
@@ -731,7 +731,8 @@ def test_cpu_int8_benchmark_judges_speed_and_memory_apart():
     assert "x1.45" in line and "(>= 1.4) MET" in line
     assert "x0.625 whole process NOT met" in line and "x0.500 above the runtime MET" in line
 
-    no_peaks = bench.targets({"times": [row], "memory": []})["int8 threads=2 batch=1"]
+    no_peaks = bench.targets({**out, "memory": []})["int8 threads=2 batch=1"]
     assert no_peaks["speed_met"] and no_peaks["peak_met"] is None and no_peaks["met"] is False
     line = bench.verdict("int8 threads=2 batch=1", no_peaks)
     assert line.endswith("not measured") and "NOT met" not in line
+    assert bench.targets({**out, "config": "TerDiT-Digits"}) == {}  # the targets are set for 600M only
