@@ -197,10 +197,11 @@ def targets(out: dict) -> dict:
                 continue
             key = f"{n} threads={row['threads']} batch={row['batch']}"
             ratio, above_runtime = ratios.get((n, row["batch"]), (None, None))
-            res[key] = {"speedup": min(sps), "speedup_target": speed, "speed_met": min(sps) >= speed,
-                        "peak_ratio": ratio, "peak_target": mem, "peak_met": _le(ratio, mem),
+            speed_met, peak_met = min(sps) >= speed, _le(ratio, mem)
+            res[key] = {"speedup": min(sps), "speedup_target": speed, "speed_met": speed_met,
+                        "peak_ratio": ratio, "peak_target": mem, "peak_met": peak_met,
                         "peak_ratio_above_runtime": above_runtime, "peak_met_above_runtime": _le(above_runtime, mem),
-                        "met": min(sps) >= speed and _le(ratio, mem) is True}
+                        "met": speed_met and peak_met is True}
     return res
 
 

@@ -123,14 +123,21 @@ _PREPACKED: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDi
 _next_handle = itertools.count()
 
 
+def _register(registry: weakref.WeakValueDictionary, obj, out_features: int) -> torch.Tensor:
+    """Put `obj` (held weakly) in `registry` under a fresh key; return the key as an int64 tensor of shape
+    [out_features] (stride 0): an op's argument that torch.compile traces as a plain tensor, whose shape gives
+    the fake function the output width."""
+    key = next(_next_handle)
+    registry[key] = obj
+    return torch.tensor([key]).expand(out_features)
+
+
 def prepack(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """oneDNN's blocked int8 layout of `codes` [out, in] (same bytes) and a handle for `_mm`: an int64
     tensor of shape [out] (stride 0) naming it, so torch.compile sees a plain tensor, never the opaque one.
     The caller keeps the first element alive (the registry holds it weakly)."""
     packed = torch.ops.onednn.qlinear_prepack(codes, None)
-    key = next(_next_handle)
-    _PREPACKED[key] = packed
-    return packed, torch.tensor([key]).expand(codes.shape[0])
+    return packed, _register(_PREPACKED, packed, codes.shape[0])
 
 
 @torch.library.custom_op("terdit::qlinear_u8", mutates_args=())
@@ -377,9 +384,7 @@ _PACKED_LAYERS: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueD
 def packed_handle(layer: nn.Module) -> torch.Tensor:
     """An int64 tensor of shape [out] (stride 0) naming the "int8-packed" `layer` for `packed_int8_mm`, so a
     compiled block calls its unpack-and-multiply as one opaque op (`compile_int8_`); the layer keeps it."""
-    key = next(_next_handle)
-    _PACKED_LAYERS[key] = layer
-    return torch.tensor([key]).expand(layer.out_features)
+    return _register(_PACKED_LAYERS, layer, layer.out_features)
 
 
 @torch.library.custom_op("terdit::packed_int8_mm", mutates_args=())

@@ -467,9 +467,9 @@ def compile_int8_(model: nn.Module) -> int:
     RoPE, gates and residuals: fewer passes, and fewer step-sized temporaries for the allocator to fragment
     (measured: terdit/deploy/README.md). Compiling attention and FFN alone had already made them 5-8% faster
     than the earlier fused units of packed block subclasses (600M, 1 thread), a step 1.30x faster than bf16
-    instead of 1.05-1.14x; whole blocks' speed is not measured on a CPU with int8 dot products. (Traced as plain
-    tensor code, "int8-packed"'s unpacking got fresh buffers where the per-layer path reuses the scratch, and a
-    whole step was no faster: hence the opaque op.) Blocks of one class share one compiled graph. Nothing happens
+    instead of 1.05-1.14x; with whole blocks, 1.40-1.66x compiled FP bf16 (AVX512-VNNI EPYC, README). (Traced as
+    plain tensor code, "int8-packed"'s unpacking got fresh buffers where the per-layer path reuses the scratch, and
+    a whole step was no faster: hence the opaque op.) Blocks of one class share one compiled graph. Nothing happens
     where the per-layer integer path is off (no int8 dot products, TERDIT_NO_KERNELS=1, TERDIT_CPU_COMPILE=0);
     call after `warm_cache` (the prepacked weights must exist; a layer without them takes the per-layer path).
     A compile failure switches back to eager for the process, as the per-layer units do.
